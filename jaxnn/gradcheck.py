@@ -62,13 +62,13 @@ def check_grads(
         flat = leaf.reshape(-1)
         ad = np.asarray(grad).reshape(-1)[coords]
         fd = np.empty(len(coords))
-        for j, c in enumerate(coords):
-            def shifted(delta, c=c):
-                new = list(leaves)
-                new[index] = flat.at[c].add(delta).reshape(leaf.shape)
-                return jax.tree_util.tree_unflatten(treedef, new)
+        def shifted(c, delta, index=index, flat=flat, shape=leaf.shape):
+            new = list(leaves)
+            new[index] = flat.at[c].add(delta).reshape(shape)
+            return jax.tree_util.tree_unflatten(treedef, new)
 
-            fd[j] = (f_np(shifted(eps)) - f_np(shifted(-eps))) / (2 * eps)
+        for j, c in enumerate(coords):
+            fd[j] = (f_np(shifted(c, eps)) - f_np(shifted(c, -eps))) / (2 * eps)
         scale = max(np.linalg.norm(ad), np.linalg.norm(fd), 1e-12)
         errors[_path_str(path)] = float(np.linalg.norm(ad - fd) / scale)
     return errors

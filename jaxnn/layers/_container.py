@@ -75,7 +75,9 @@ class _Namer:
         if layer.explicit_name:
             name = layer.name
             if name in self.taken:
-                raise ValueError(f"{self.owner}: two layers are named {name!r}; names must be unique")
+                raise ValueError(
+                    f"{self.owner}: two layers are named {name!r}; names must be unique"
+                )
         else:
             while True:
                 index = self.counts.get(layer.name, 0)
