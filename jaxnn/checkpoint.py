@@ -1,0 +1,642 @@
+"""Training checkpoints: save and restore params, state, optimizer state, epoch and key.
+
+A checkpoint is one ``.npz`` file (a zip of ``.npy`` arrays, written by
+:func:`numpy.savez`, readable by ``numpy.load(path, allow_pickle=False)``)::
+
+    ckpt = save_checkpoint("run/ckpt_0003.npz", params=params, state=state,
+                           opt_state=opt_state, epoch=3, key=key,
+                           metadata={"history": history})
+    ckpt = restore_checkpoint("run/ckpt_0003.npz",
+                              target={"params": params0, "state": state0,
+                                      "opt_state": opt.init(params0)})
+    ckpt.params, ckpt.opt_state, ckpt.epoch, ckpt.key, ckpt.metadata
+
+Or, one file per epoch keeping the last few::
+
+    manager = CheckpointManager("run", max_to_keep=3)
+    manager.save(params=params, opt_state=opt_state, epoch=epoch, key=key)
+    ckpt = manager.restore_latest(target={"params": params0, "opt_state": opt_state0})
+
+File format (version 1)
+-----------------------
+Entries of the ``.npz`` (each stored as ``<name>.npy`` inside the zip):
+
+* One array per pytree leaf, named by its path: the section (``params``,
+  ``state`` or ``opt_state``) then the keys down to the leaf, joined by ``/``.
+  Dict keys are written as they are, sequence and tuple positions as numbers,
+  NamedTuple fields by name: ``params/dense_0/kernel``,
+  ``opt_state/0/mu/dense_0/kernel``, ``opt_state/0/count``. A section that is a
+  single array is named by the section alone.
+* ``key``: the PRNG key, if one was saved. A typed key (``jax.random.key``) is
+  stored as its raw ``jax.random.key_data`` (uint32) with the implementation
+  name in the manifest; a legacy ``jax.random.PRNGKey`` is stored as it is.
+* ``__manifest__``: a uint8 array holding UTF-8 JSON::
+
+      {"format": "jaxnn.checkpoint", "format_version": 1,
+       "jaxnn_version": "0.1.0", "jax_version": "...", "numpy_version": "...",
+       "epoch": 3,
+       "key": {"impl": "threefry2x32"}   # null impl: legacy key; null: no key
+       "sections": {"params": ["params/dense_0/bias", ...], "opt_state": [...]},
+       "arrays": {"params/dense_0/kernel": {"shape": [784, 64], "dtype": "float32",
+                  "stored_dtype": "float32", "sha256": "<hex digest>"}, ...},
+       "metadata": {...}}
+
+  ``sections`` lists the sections saved (an empty list for an empty tree such
+  as ``state={}``; a section saved as ``None`` is absent). ``sha256`` is the
+  digest of the stored array's bytes in C order. Dtypes numpy cannot save
+  portably (``bfloat16``, the float8 types, ``int4``: numpy kind ``"V"``) are
+  stored as unsigned integers of the same width (``stored_dtype`` ``uint16``
+  for bfloat16) and viewed back as ``dtype`` on restore.
+
+Integrity. Each zip member carries a CRC-32 that is checked on reading, and
+each array is checked against its sha256 in the manifest, so a truncated file
+or a flipped bit in anything that is restored raises :class:`CheckpointError`.
+
+Atomic writes. A checkpoint is written to a temporary file in the same
+directory (``.<name>.<random>.tmp``), flushed and ``fsync``-ed, then renamed
+onto its final name with :func:`os.replace` (atomic on POSIX and Windows), and
+the directory is ``fsync``-ed. A crash part-way through leaves the previous
+file with that name intact and, at worst, a stale ``*.tmp`` file, which
+:func:`latest_checkpoint` ignores (and which can be deleted at leisure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import operator
+import os
+import pathlib
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnn._typing import Params, PRNGKey, State
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "FORMAT_VERSION",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "read_manifest",
+    "restore_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT_NAME = "jaxnn.checkpoint"
+FORMAT_VERSION = 1
+SECTIONS = ("params", "state", "opt_state")
+_MANIFEST = "__manifest__"
+_KEY = "key"
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be restored: corrupt, truncated, from an unknown
+    format version, or not matching the target's structure, shapes or dtypes.
+    The message starts with the file's path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A restored training snapshot.
+
+    Attributes:
+      params, state, opt_state: pytrees of ``jax.Array`` in the target's
+        structure and dtypes (``None`` for a section not requested).
+      epoch: the epoch saved.
+      key: the PRNG key (typed if a typed key was saved, else legacy uint32),
+        or ``None``.
+      metadata: the user metadata (JSON types: tuples come back as lists).
+      path: the file read.
+      manifest: the file's full manifest (see the module docstring).
+    """
+
+    params: Params | None
+    state: State | None
+    opt_state: Any
+    epoch: int
+    key: PRNGKey | None
+    metadata: dict[str, Any]
+    path: pathlib.Path
+    manifest: dict[str, Any] = dataclasses.field(repr=False)
+
+
+# -- pytree paths -------------------------------------------------------------
+
+
+def _key_str(entry: Any) -> str:
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def _leaf_name(section: str, path: tuple) -> str:
+    return "/".join((section, *(_key_str(e) for e in path)))
+
+
+def _named_leaves(section: str, tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """``([(name, leaf), ...], treedef)`` for a section's tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    named = [(_leaf_name(section, path), leaf) for path, leaf in leaves]
+    return named, treedef
+
+
+# -- arrays -------------------------------------------------------------------
+
+
+def _sha256(stored: np.ndarray) -> str:
+    flat = np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
+    return hashlib.sha256(flat).hexdigest()
+
+
+def _to_storable(name: str, leaf: Any) -> tuple[np.ndarray, np.dtype]:
+    """``(stored array, logical dtype)``: ml_dtypes (kind "V") as same-width uints."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            f"save_checkpoint: leaf '{name}' is a typed PRNG key array; pass the key "
+            "as key=... (or store jax.random.key_data(k) in the tree)"
+        )
+    array = np.asarray(leaf)
+    if array.dtype.kind == "O" or array.dtype.fields is not None:
+        raise TypeError(
+            f"save_checkpoint: leaf '{name}' has dtype {array.dtype}; only numeric "
+            "arrays can be saved"
+        )
+    if array.dtype.kind == "V":
+        return array.view(np.dtype(f"uint{8 * array.dtype.itemsize}")), array.dtype
+    return array, array.dtype
+
+
+def _leaf_spec(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a target leaf (array, ShapeDtypeStruct or scalar)."""
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+    array = jnp.asarray(leaf)
+    return tuple(array.shape), np.dtype(array.dtype)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray | np.generic | jax.Array):
+        return np.asarray(obj).tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+# -- writing ------------------------------------------------------------------
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an ``.npz`` at ``path``: temp file, fsync, rename."""
+    directory = path.parent
+    tmp = tempfile.NamedTemporaryFile(
+        dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with tmp:
+            np.savez(tmp, **arrays)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o666 & ~_umask())  # as a plain file, not 0600
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except OSError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def save_checkpoint(
+    path: PathLike,
+    *,
+    params: Params,
+    state: State | None = None,
+    opt_state: Any = None,
+    epoch: int,
+    key: PRNGKey | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Write a training snapshot to ``path`` atomically and return the path.
+
+    Args:
+      path: the file to write (parent directories are created). Written as it
+        is (no ``.npz`` is appended); an existing file is replaced atomically.
+      params: the parameter pytree.
+      state: the model state pytree (e.g. BatchNorm statistics), or ``None``.
+      opt_state: the optimizer state (an optax state: tuples and NamedTuples of
+        arrays), or ``None``.
+      epoch: the number of epochs completed (a non-negative integer).
+      key: a PRNG key, typed (``jax.random.key``) or legacy uint32, or ``None``.
+      metadata: a JSON-serialisable dict (e.g. ``{"history": {...}}``); numpy
+        and JAX scalars and arrays in it are converted to numbers and lists.
+
+    Raises:
+      TypeError: a leaf is not a numeric array, or ``metadata`` is not
+        JSON-serialisable.
+      ValueError: two leaves have the same path name (a dict key containing
+        ``/``), or ``epoch`` is negative.
+    """
+    path = pathlib.Path(path)
+    epoch = operator.index(epoch)
+    if epoch < 0:
+        raise ValueError(f"save_checkpoint: epoch must be >= 0, got {epoch}")
+    try:
+        metadata_json = json.loads(json.dumps(dict(metadata or {}), default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_checkpoint: metadata must be JSON-serialisable: {exc}") from exc
+
+    arrays: dict[str, np.ndarray] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    sections: dict[str, list[str]] = {}
+
+    def add(name: str, leaf: Any) -> None:
+        if name in arrays or name == _MANIFEST:
+            raise ValueError(
+                f"save_checkpoint: two leaves are both named '{name}'; "
+                "dict keys must not contain '/'"
+            )
+        stored, dtype = _to_storable(name, leaf)
+        arrays[name] = stored
+        entries[name] = {
+            "shape": list(stored.shape),
+            "dtype": dtype.name,
+            "stored_dtype": stored.dtype.name,
+            "sha256": _sha256(stored),
+        }
+
+    for section, tree in (("params", params), ("state", state), ("opt_state", opt_state)):
+        if tree is None:
+            continue
+        named, _ = _named_leaves(section, tree)
+        sections[section] = [name for name, _ in named]
+        for name, leaf in named:
+            add(name, leaf)
+
+    key_info = None
+    if key is not None:
+        key = jnp.asarray(key)
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key_info = {"impl": str(jax.random.key_impl(key))}
+            add(_KEY, jax.random.key_data(key))
+        elif key.dtype == jnp.uint32:
+            key_info = {"impl": None}
+            add(_KEY, key)
+        else:
+            raise TypeError(
+                "save_checkpoint: key must be a typed key (jax.random.key) or a legacy "
+                f"uint32 key (jax.random.PRNGKey), got dtype {key.dtype}"
+            )
+
+    from jaxnn import __version__ as jaxnn_version
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "jaxnn_version": jaxnn_version,
+        "jax_version": jax.__version__,
+        "numpy_version": np.__version__,
+        "epoch": epoch,
+        "key": key_info,
+        "sections": sections,
+        "arrays": entries,
+        "metadata": metadata_json,
+    }
+    arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_savez(path, arrays)
+    return path
+
+
+# -- reading ------------------------------------------------------------------
+
+
+class _Archive:
+    """A checkpoint's zip, read entry by entry with CRC and sha256 checks."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except Exception as exc:
+            raise self.error(f"not a valid .npz (zip) file; corrupt or truncated ({exc})") from exc
+        try:
+            self.manifest = self._read_manifest()
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> _Archive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def error(self, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {message}")
+
+    def _read_raw(self, name: str) -> np.ndarray:
+        try:
+            data = self._zip.read(name + ".npy")  # checks the entry's CRC-32
+        except KeyError:
+            raise self.error(f"array '{name}' is missing from the file") from None
+        except Exception as exc:
+            raise self.error(f"corrupt or truncated entry '{name}' ({exc})") from exc
+        try:
+            return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:
+            raise self.error(f"corrupt entry '{name}' ({exc})") from exc
+
+    def _read_manifest(self) -> dict[str, Any]:
+        raw = self._read_raw(_MANIFEST)
+        try:
+            manifest = json.loads(raw.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self.error(f"corrupt manifest ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise self.error("not a jaxnn checkpoint (the manifest has no format marker)")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise self.error(
+                f"unknown checkpoint format version {version!r} (written by jaxnn "
+                f"{manifest.get('jaxnn_version', '?')}); this jaxnn reads versions "
+                f"1 to {FORMAT_VERSION}"
+            )
+        for field in ("epoch", "sections", "arrays", "metadata", "key"):
+            if field not in manifest:
+                raise self.error(f"corrupt manifest (no '{field}' field)")
+        return manifest
+
+    def read(self, name: str) -> np.ndarray:
+        """The array ``name`` in its logical dtype, checked against the manifest."""
+        entry = self.manifest["arrays"].get(name)
+        if entry is None:
+            raise self.error(f"array '{name}' is not listed in the manifest")
+        stored = self._read_raw(name)
+        if list(stored.shape) != entry["shape"] or stored.dtype.name != entry["stored_dtype"]:
+            raise self.error(
+                f"corrupt entry '{name}': the manifest says shape {tuple(entry['shape'])} "
+                f"{entry['stored_dtype']}, the array is {stored.shape} {stored.dtype.name}"
+            )
+        if _sha256(stored) != entry["sha256"]:
+            raise self.error(f"checksum mismatch for '{name}': the file is corrupt")
+        if entry["dtype"] != entry["stored_dtype"]:
+            stored = stored.view(jnp.dtype(entry["dtype"]))
+        return stored
+
+
+def _format_names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _restore_section(archive: _Archive, section: str, target: Any) -> Any:
+    sections = archive.manifest["sections"]
+    if section not in sections:
+        saved = ", ".join(sections) or "none"
+        raise archive.error(
+            f"the target asks for '{section}', which this checkpoint does not hold "
+            f"(sections saved: {saved})"
+        )
+    named, treedef = _named_leaves(section, target)
+    wanted = [name for name, _ in named]
+    saved = list(sections[section])
+    saved_set, wanted_set = set(saved), set(wanted)
+    missing = [n for n in wanted if n not in saved_set]
+    extra = [n for n in saved if n not in wanted_set]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {_format_names(missing)}")
+        if extra:
+            parts.append(f"in the file but not in the target: {_format_names(extra)}")
+        raise archive.error(f"'{section}' tree structure mismatch; " + "; ".join(parts))
+
+    entries = archive.manifest["arrays"]
+    for name, leaf in named:
+        shape, dtype = _leaf_spec(leaf)
+        entry = entries.get(name)
+        if entry is None:
+            raise archive.error(f"array '{name}' is not listed in the manifest")
+        if tuple(entry["shape"]) != shape:
+            raise archive.error(
+                f"shape mismatch at '{name}': the target expects {shape}, "
+                f"the file has {tuple(entry['shape'])}"
+            )
+        if entry["dtype"] != dtype.name:
+            raise archive.error(
+                f"dtype mismatch at '{name}': the target expects {dtype.name}, the file "
+                f"has {entry['dtype']} (cast the target, or the restored tree, as needed)"
+            )
+    leaves = [jnp.asarray(archive.read(name)) for name, _ in named]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path`` (epoch, arrays, metadata...),
+    without reading the arrays. Raises :class:`CheckpointError` as restore does."""
+    with _Archive(pathlib.Path(path)) as archive:
+        return archive.manifest
+
+
+def restore_checkpoint(path: PathLike, *, target: Mapping[str, Any]) -> Checkpoint:
+    """Read the checkpoint at ``path`` into the structure of ``target``.
+
+    Args:
+      path: a file written by :func:`save_checkpoint`.
+      target: a dict with some of the keys ``"params"``, ``"state"`` and
+        ``"opt_state"``; each value is an example pytree of the same structure
+        as the one saved (e.g. freshly initialised params and
+        ``optimizer.init(params)``; arrays or :class:`jax.ShapeDtypeStruct`
+        leaves). Sections left out (or ``None``) are not read and come back as
+        ``None``. NamedTuples and other containers are rebuilt from the
+        target's tree structure.
+
+    Returns:
+      A :class:`Checkpoint`; its arrays are ``jax.Array`` with the target's
+      dtypes.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      CheckpointError: naming the file: not a zip or truncated, a checksum
+        mismatch, a missing array, an unknown format version, a section the
+        file lacks, a tree-structure mismatch (the missing and extra paths are
+        listed), or a shape or dtype mismatch (the path, expected and actual).
+    """
+    unknown = sorted(set(target) - set(SECTIONS))
+    if unknown:
+        raise ValueError(
+            f"restore_checkpoint: unknown target keys {unknown}; expected some of {SECTIONS}"
+        )
+    with _Archive(pathlib.Path(path)) as archive:
+        manifest = archive.manifest
+        restored = {
+            section: _restore_section(archive, section, target[section])
+            for section in SECTIONS
+            if target.get(section) is not None
+        }
+        key = None
+        key_info = manifest["key"]
+        if key_info is not None:
+            data = jnp.asarray(archive.read(_KEY))
+            impl = key_info.get("impl")
+            key = data if impl is None else jax.random.wrap_key_data(data, impl=impl)
+    return Checkpoint(
+        params=restored.get("params"),
+        state=restored.get("state"),
+        opt_state=restored.get("opt_state"),
+        epoch=int(manifest["epoch"]),
+        key=key,
+        metadata=manifest["metadata"],
+        path=archive.path,
+        manifest=manifest,
+    )
+
+
+# -- a directory of per-epoch checkpoints --------------------------------------
+
+
+def list_checkpoints(directory: PathLike, *, prefix: str = "ckpt_") -> list[pathlib.Path]:
+    """The files ``directory/{prefix}{epoch}.npz``, oldest epoch first.
+
+    Other files (temporary ``*.tmp`` files left by an interrupted save
+    included) are ignored; a missing directory gives ``[]``.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.npz")
+    found = []
+    for entry in directory.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return [entry for _, entry in sorted(found)]
+
+
+def latest_checkpoint(directory: PathLike, *, prefix: str = "ckpt_") -> pathlib.Path | None:
+    """The checkpoint with the highest epoch in ``directory``, or ``None``."""
+    found = list_checkpoints(directory, prefix=prefix)
+    return found[-1] if found else None
+
+
+class CheckpointManager:
+    """Save ``directory/ckpt_{epoch:04d}.npz`` each epoch, keeping the last few.
+
+    Args:
+      directory: where the checkpoints go (created on the first save).
+      max_to_keep: how many checkpoints to keep (the highest epochs; the one
+        just written is never removed), or ``None`` to keep all.
+      prefix: the file-name prefix.
+
+    Example::
+
+        manager = CheckpointManager("run", max_to_keep=3)
+        ckpt = manager.restore_latest(target={"params": params, "opt_state": opt_state})
+        start = 0
+        if ckpt is not None:
+            params, opt_state, start = ckpt.params, ckpt.opt_state, ckpt.epoch
+        for epoch in range(start, epochs):
+            ...
+            manager.save(params=params, opt_state=opt_state, epoch=epoch + 1)
+    """
+
+    def __init__(self, directory: PathLike, *, max_to_keep: int | None = 3,
+                 prefix: str = "ckpt_"):
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(
+                f"CheckpointManager: max_to_keep must be a positive integer or None, "
+                f"got {max_to_keep!r}"
+            )
+        self.directory = pathlib.Path(directory)
+        self.max_to_keep = max_to_keep
+        self.prefix = prefix
+
+    def path_for(self, epoch: int) -> pathlib.Path:
+        """``directory/{prefix}{epoch:04d}.npz``."""
+        return self.directory / f"{self.prefix}{operator.index(epoch):04d}.npz"
+
+    def save(
+        self,
+        *,
+        params: Params,
+        state: State | None = None,
+        opt_state: Any = None,
+        epoch: int,
+        key: PRNGKey | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> pathlib.Path:
+        """Save the epoch's checkpoint (see :func:`save_checkpoint`), then delete
+        the oldest ones beyond ``max_to_keep``. Returns the path written."""
+        path = save_checkpoint(
+            self.path_for(epoch), params=params, state=state, opt_state=opt_state,
+            epoch=epoch, key=key, metadata=metadata,
+        )
+        if self.max_to_keep is not None:
+            others = [p for p in self.checkpoints() if p != path]
+            for old in others[: max(0, len(others) - (self.max_to_keep - 1))]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def checkpoints(self) -> list[pathlib.Path]:
+        """The checkpoints in the directory, oldest epoch first."""
+        return list_checkpoints(self.directory, prefix=self.prefix)
+
+    def latest(self) -> pathlib.Path | None:
+        """The checkpoint with the highest epoch, or ``None``."""
+        return latest_checkpoint(self.directory, prefix=self.prefix)
+
+    def restore_latest(self, *, target: Mapping[str, Any]) -> Checkpoint | None:
+        """Restore the latest checkpoint (see :func:`restore_checkpoint`), or
+        return ``None`` when there is none."""
+        path = self.latest()
+        return None if path is None else restore_checkpoint(path, target=target)
