@@ -1,0 +1,27 @@
+"""Datasets for the examples and tests: MNIST, scikit-learn's 8x8 digits, and an IDX reader.
+
+``mnist()`` and ``digits()`` return a ``Dataset`` (float32 images in [0, 1], int32
+labels, and the dataset's name and source); ``read_idx``/``write_idx`` handle the
+IDX array format MNIST is distributed in. Only numpy is needed; scikit-learn and
+tensorflow-datasets are imported when used.
+"""
+
+from jaxnn.datasets._idx import DatasetError, read_idx, write_idx
+from jaxnn.datasets._mnist import (
+    Dataset,
+    DatasetUnavailableError,
+    default_cache_dir,
+    digits,
+    mnist,
+)
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "DatasetUnavailableError",
+    "default_cache_dir",
+    "digits",
+    "mnist",
+    "read_idx",
+    "write_idx",
+]
