@@ -2,17 +2,55 @@
 
 from jaxnn.layers._base import Layer, as_layer, stateless
 from jaxnn.layers._container import Scope, Sequential, model
+from jaxnn.layers._conv import Conv1D, Conv2D
 from jaxnn.layers._dense import Dense
+from jaxnn.layers._dropout import Dropout
+from jaxnn.layers._embedding import Embedding
+from jaxnn.layers._norm import BatchNorm, LayerNorm
+from jaxnn.layers._pool import (
+    AvgPool,
+    AvgPool1D,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    MaxPool,
+    MaxPool1D,
+)
+from jaxnn.layers._recurrent import (
+    GRU,
+    LSTM,
+    SimpleRNN,
+    gru_step,
+    lstm_step,
+    simple_rnn_step,
+)
 from jaxnn.layers._reshape import Flatten, Reshape
 
 __all__ = [
+    "GRU",
+    "LSTM",
+    "AvgPool",
+    "AvgPool1D",
+    "BatchNorm",
+    "Conv1D",
+    "Conv2D",
     "Dense",
+    "Dropout",
+    "Embedding",
     "Flatten",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
     "Layer",
+    "LayerNorm",
+    "MaxPool",
+    "MaxPool1D",
     "Reshape",
     "Scope",
     "Sequential",
+    "SimpleRNN",
     "as_layer",
+    "gru_step",
+    "lstm_step",
     "model",
+    "simple_rnn_step",
     "stateless",
 ]

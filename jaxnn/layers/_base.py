@@ -89,7 +89,9 @@ class Layer:
             leading axis is the batch) or :class:`jax.ShapeDtypeStruct`.
         """
         structs = tuple(_as_struct(x) for x in inputs)
-        return self.initialize(key, *structs)
+        # One compiled program for the whole initialisation (rather than one per
+        # parameter shape, eagerly); shape errors still surface while tracing.
+        return jax.jit(lambda key: self.initialize(key, *structs))(key)
 
     def init(self, key: PRNGKey, *inputs: Any) -> Params:
         """Create the parameter pytree for inputs shaped like ``inputs``.

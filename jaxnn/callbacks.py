@@ -1,0 +1,129 @@
+"""Callbacks for :func:`jaxnn.fit`: early stopping and a checkpoint every epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnn._typing import Params, PRNGKey, State
+
+if TYPE_CHECKING:
+    from jaxnn.training import FitResult
+
+
+@dataclasses.dataclass
+class EpochEnd:
+    """What a callback sees at the end of an epoch.
+
+    ``epoch`` counts from 0 (the epoch just finished); ``logs`` holds that
+    epoch's values (``loss``, ``accuracy``, ``val_loss``, ...). The arrays are
+    only valid during the call: the next epoch reuses their buffers, so copy
+    anything you keep (``jax.tree_util.tree_map(jnp.copy, info.params)``).
+    """
+
+    epoch: int
+    logs: dict[str, float]
+    params: Params
+    state: State
+    opt_state: Any
+    key: PRNGKey
+    history: dict[str, list[float]]
+
+
+class Callback:
+    """Base class for callbacks: override what you need."""
+
+    def on_train_begin(self) -> None:
+        """Called once before the first epoch."""
+
+    def on_epoch_end(self, info: EpochEnd) -> bool:
+        """Called after every epoch; return True to stop training."""
+        return False
+
+    def on_train_end(self, result: FitResult) -> FitResult:
+        """Called once at the end; may replace the result."""
+        return result
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Args:
+      monitor: a logged value, e.g. ``"val_loss"`` or ``"val_accuracy"``.
+      patience: epochs without improvement to tolerate.
+      min_delta: the least change that counts as an improvement.
+      mode: ``"min"``, ``"max"``, or ``"auto"`` (max for names with ``acc``, else min).
+      restore_best: return the parameters of the best epoch instead of the last.
+    """
+
+    def __init__(self, monitor: str = "val_loss", *, patience: int = 3, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best: bool = False) -> None:
+        if mode not in ("min", "max", "auto"):
+            raise ValueError(f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {mode!r}")
+        if patience < 0 or min_delta < 0:
+            raise ValueError("EarlyStopping: patience and min_delta must be >= 0, got "
+                             f"{patience!r} and {min_delta!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = min_delta
+        self.maximize = mode == "max" or (mode == "auto" and "acc" in monitor)
+        self.restore_best = restore_best
+
+    def on_train_begin(self) -> None:
+        self.best = -math.inf if self.maximize else math.inf
+        self.best_epoch = -1
+        self.wait = 0
+        self.best_carry: tuple | None = None
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, info: EpochEnd) -> bool:
+        if self.monitor not in info.logs:
+            raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not logged; "
+                           f"logged values are {sorted(info.logs)}")
+        value = info.logs[self.monitor]
+        gain = value - self.best if self.maximize else self.best - value
+        if gain > self.min_delta:
+            self.best, self.best_epoch, self.wait = value, info.epoch, 0
+            if self.restore_best:
+                self.best_carry = _copy((info.params, info.state, info.opt_state))
+            return False
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = info.epoch
+            return True
+        return False
+
+    def on_train_end(self, result: FitResult) -> FitResult:
+        if self.restore_best and self.best_carry is not None:
+            params, state, opt_state = self.best_carry
+            return result._replace(params=params, state=state, opt_state=opt_state)
+        return result
+
+
+class ModelCheckpoint(Callback):
+    """Save a checkpoint after every epoch into ``directory`` (``ckpt_0001.npz``, ...).
+
+    Each file holds params, state, optimizer state, the number of epochs done,
+    the training key and the history so far; writes are atomic (see
+    :mod:`jaxnn.checkpoint`). Resume with :func:`jaxnn.training.resume`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3) -> None:
+        from jaxnn.checkpoint import CheckpointManager
+
+        self.manager = CheckpointManager(directory, max_to_keep=max_to_keep)
+
+    def on_epoch_end(self, info: EpochEnd) -> bool:
+        self.manager.save(params=info.params, state=info.state, opt_state=info.opt_state,
+                          epoch=info.epoch + 1, key=info.key,
+                          metadata={"history": info.history})
+        return False

@@ -1,0 +1,548 @@
+"""Training loops: ``fit``, ``evaluate`` and ``predict``.
+
+``fit`` trains a model on in-memory arrays with the whole epoch compiled as one
+program: the dataset is put on the device once, each epoch draws a permutation
+from ``fold_in(key, epoch)``, and ``jax.lax.scan`` runs the optimisation steps,
+gathering each batch on the device. Nothing returns to Python between steps.
+
+The last partial batch is kept, not dropped: it is padded to the batch size
+and the padded rows get weight 0, so its gradient is exactly the gradient of
+the mean loss over its real examples (what Keras does with a short last batch).
+
+The randomness of epoch ``e`` (its shuffle, its dropout keys) depends only on
+``(key, e)``, so training resumed at epoch ``k`` from a checkpoint ends with
+exactly the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnn._typing import Array, Params, PRNGKey, State
+from jaxnn.callbacks import Callback, EpochEnd
+from jaxnn.layers._base import Layer
+
+LossFn = Callable[..., Array]
+MetricFn = Callable[..., Array]
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      params, state, opt_state: the trained values.
+      history: ``{"loss": [...], "accuracy": [...], "val_loss": [...], ...}``, one
+        entry per epoch run.
+      epoch: the number of epochs completed (the ``initial_epoch`` to resume from).
+      key: the key training used (epoch ``e`` used ``fold_in(key, e)``).
+      compile_seconds: time spent compiling the training programs (it is not
+        counted in ``history["seconds"]``, the training time of each epoch).
+    """
+
+    params: Params
+    state: State
+    opt_state: Any
+    history: dict[str, list[float]]
+    epoch: int
+    key: PRNGKey
+    compile_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------
+# Metrics and losses as used inside the compiled step
+# --------------------------------------------------------------------------
+
+
+def _metric_table(metrics: Sequence[str | MetricFn]) -> dict[str, MetricFn]:
+    from jaxnn import metrics as metrics_module
+
+    table: dict[str, MetricFn] = {}
+    for metric in metrics:
+        if isinstance(metric, str):
+            fn = getattr(metrics_module, metric, None)
+            if fn is None or not callable(fn):
+                raise ValueError(f"metrics: unknown metric {metric!r}; pass a name from "
+                                 "jaxnn.metrics (e.g. 'accuracy') or a function")
+            table[metric] = fn
+        elif callable(metric):
+            table[getattr(metric, "__name__", "metric")] = metric
+        else:
+            raise TypeError(f"metrics: expected names or functions, got {metric!r}")
+    return table
+
+
+def _weighted(fn: Callable, predictions, targets, weights) -> Array:
+    return fn(predictions, targets, weights=weights)
+
+
+# --------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------
+
+
+def _check_arrays(x, y, what: str = "x") -> int:
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    for leaf in jax.tree_util.tree_leaves((x, y)):
+        if leaf.shape[0] != n:
+            raise ValueError(
+                f"{what} and its targets must have the same number of examples: got "
+                f"{n} and {leaf.shape[0]} (shapes "
+                f"{[np.shape(a) for a in jax.tree_util.tree_leaves((x, y))]})"
+            )
+    if n == 0:
+        raise ValueError(f"{what} has no examples")
+    return n
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _take(tree, idx):
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+
+
+def _slice(tree, start, stop):
+    return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
+
+
+# --------------------------------------------------------------------------
+# The compiled step and epoch
+# --------------------------------------------------------------------------
+
+
+def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformation,
+               penalty: Callable[[Params], Array] | None, metric_fns: dict[str, MetricFn]):
+    """``step(carry, batch) -> (carry, sums)`` for one optimisation step.
+
+    ``carry = (params, state, opt_state)``; ``batch = (x, y, weights, key)``;
+    ``sums`` holds the weight total and the weighted sums of loss and metrics.
+    """
+
+    def objective(params, state, x, y, weights, key):
+        predictions, new_state = model.apply_with_state(params, state, x, key=key, train=True)
+        value = _weighted(loss, predictions, y, weights)
+        if penalty is not None:
+            value = value + penalty(params)
+        return value, (new_state, predictions)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def step(carry, batch):
+        params, state, opt_state = carry
+        x, y, weights, key = batch
+        (value, (state, predictions)), grads = grad_fn(params, state, x, y, weights, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        total = jnp.sum(weights)
+        sums = {"_weight": total, "loss": value * total}
+        for name, fn in metric_fns.items():
+            sums[name] = _weighted(fn, predictions, y, weights) * total
+        return (params, state, opt_state), sums
+
+    return step
+
+
+def _epoch_plan(n: int, batch_size: int, key: PRNGKey, shuffle: bool):
+    """Indices ``(steps, batch)`` and weights ``(steps, batch)`` for one epoch."""
+    steps = math.ceil(n / batch_size)
+    order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
+    pad = steps * batch_size - n
+    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    weights = (jnp.arange(steps * batch_size) < n).astype(jnp.float32)
+    return order.reshape(steps, batch_size), weights.reshape(steps, batch_size)
+
+
+class _Trainer:
+    """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
+
+    def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
+                 shuffle, steps_per_call):
+        self.n = n
+        self.batch_size = batch_size
+        self.steps = math.ceil(n / batch_size)
+        self.chunk = self.steps if steps_per_call is None else min(steps_per_call, self.steps)
+        step = _make_step(model, loss, optimizer, penalty, metric_fns)
+        self.shuffle = shuffle
+
+        def run_steps(carry, data, idx, weights, keys, start, length):
+            def body(carry, batch):
+                idx, weights, key = batch
+                x, y = _take(data, idx)
+                return step(carry, (x, y, weights, key))
+
+            plan = jax.tree_util.tree_map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
+            )
+            carry, sums = jax.lax.scan(body, carry, plan)
+            return carry, jax.tree_util.tree_map(jnp.sum, sums)
+
+        self._run_steps = jax.jit(run_steps, donate_argnums=(0,), static_argnames=("length",))
+        self._compiled: dict[int, Any] = {}
+        self.compile_seconds = 0.0
+
+        def plan(key):
+            shuffle_key, dropout_key = jax.random.split(key)
+            idx, weights = _epoch_plan(n, batch_size, shuffle_key, shuffle)
+            keys = jax.random.split(dropout_key, self.steps)
+            return idx, weights, keys
+
+        self.plan = jax.jit(plan)
+
+    def _program(self, length, *args):
+        """The compiled program running ``length`` steps (compiled ahead, timed, once)."""
+        program = self._compiled.get(length)
+        if program is None:
+            start = time.perf_counter()
+            program = self._run_steps.lower(*args, length=length).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled[length] = program
+        return program
+
+    def epoch(self, carry, data, key):
+        plan = self.plan(key)
+        totals = None
+        for start in range(0, self.steps, self.chunk):
+            length = min(self.chunk, self.steps - start)
+            args = (carry, data, *plan, jnp.int32(start))
+            carry, sums = self._program(length, *args)(*args)
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        return carry, totals
+
+
+class _StreamTrainer:
+    """The jitted per-step path for data given as an iterable of ``(x, y)`` batches.
+
+    Every batch is padded to the size of the first one (padded rows weigh 0), so
+    a ragged last batch does not cause a recompilation.
+    """
+
+    def __init__(self, model, loss, optimizer, penalty, metric_fns):
+        step = _make_step(model, loss, optimizer, penalty, metric_fns)
+        self.step = jax.jit(step, donate_argnums=(0,))
+        self.batch_size: int | None = None
+        self.compile_seconds = 0.0  # not separated from the first step on this path
+
+    def epoch(self, carry, batches, key):
+        totals = None
+        for index, (xb, yb) in enumerate(batches):
+            m = _check_arrays(xb, yb, "a batch")
+            if self.batch_size is None:
+                self.batch_size = m
+            if m > self.batch_size:
+                raise ValueError(f"batches must not grow: the first had {self.batch_size} "
+                                 f"examples, batch {index} has {m}")
+            pad = self.batch_size - m
+
+            def padded(a, pad=pad):
+                a = jnp.asarray(a)
+                return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+            xb, yb = jax.tree_util.tree_map(padded, (xb, yb))
+            weights = (jnp.arange(self.batch_size) < m).astype(jnp.float32)
+            carry, sums = self.step(carry, (xb, yb, weights, jax.random.fold_in(key, index)))
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        if totals is None:
+            raise ValueError("the iterable of batches gave no batch in this epoch")
+        return carry, totals
+
+
+def _logs_from_sums(sums: Mapping[str, Array], names: Sequence[str]) -> dict[str, float]:
+    """Means from weighted sums, in the order ``loss, *metrics`` (JAX sorts dict keys)."""
+    sums = jax.device_get(sums)
+    weight = float(sums["_weight"])
+    return {name: float(sums[name]) / weight for name in ("loss", *names)}
+
+
+# --------------------------------------------------------------------------
+# Evaluation and prediction
+# --------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Layer,
+    params: Params,
+    x: Any,
+    y: Any,
+    *,
+    loss: LossFn,
+    state: State | None = None,
+    metrics: Sequence[str | MetricFn] = ("accuracy",),
+    penalty: Callable[[Params], Array] | None = None,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """Mean loss and metrics over ``(x, y)`` in inference mode (``train=False``).
+
+    Returns ``{"loss": ..., "accuracy": ...}``. The loss includes ``penalty(params)``
+    when a penalty is given (as ``fit`` reports it).
+    """
+    n = _check_arrays(x, y)
+    batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
+    metric_fns = _metric_table(metrics)
+    return _evaluate_compiled(model, loss, penalty, metric_fns, batch_size)(
+        params, state or {}, jnp.asarray(x) if not isinstance(x, dict) else x,
+        jnp.asarray(y) if not isinstance(y, dict) else y,
+    )
+
+
+def _evaluate_compiled(model, loss, penalty, metric_fns, batch_size):
+    def run(params, state, x, y):
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        steps = math.ceil(n / batch_size)
+        idx, weights = _epoch_plan(n, batch_size, None, shuffle=False)
+
+        def body(total, batch):
+            idx, weights = batch
+            xb, yb = _take((x, y), idx)
+            predictions, _ = model.apply_with_state(params, state, xb, train=False)
+            w = jnp.sum(weights)
+            sums = {"_weight": w, "loss": _weighted(loss, predictions, yb, weights) * w}
+            for name, fn in metric_fns.items():
+                sums[name] = _weighted(fn, predictions, yb, weights) * w
+            return jax.tree_util.tree_map(jnp.add, total, sums), None
+
+        zero = {"_weight": 0.0, "loss": 0.0, **{name: 0.0 for name in metric_fns}}
+        zero = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), zero)
+        total, _ = jax.lax.scan(body, zero, (idx, weights), length=steps)
+        if penalty is not None:
+            total["loss"] = total["loss"] + penalty(params) * total["_weight"]
+        return total
+
+    jitted = jax.jit(run)
+    return lambda *args: _logs_from_sums(jitted(*args), list(metric_fns))
+
+
+def predict(
+    model: Layer,
+    params: Params,
+    x: Any,
+    *,
+    state: State | None = None,
+    batch_size: int = 1000,
+    output: str = "logits",
+) -> Array:
+    """Model outputs for ``x`` in inference mode, computed in fixed-size jitted batches.
+
+    Args:
+      output: ``"logits"`` (the model's raw output), ``"probabilities"`` (softmax
+        over the last axis, for models that output logits) or ``"classes"``
+        (argmax over the last axis).
+    """
+    if output not in ("logits", "probabilities", "classes"):
+        raise ValueError(f"output must be 'logits', 'probabilities' or 'classes', got {output!r}")
+    n = np.shape(x)[0]
+    batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
+    return _predict_compiled(model, batch_size, output)(params, state or {}, jnp.asarray(x))
+
+
+def _predict_compiled(model, batch_size, output):
+    @jax.jit
+    def run(params, state, x):
+        n = x.shape[0]
+        steps = math.ceil(n / batch_size)
+        pad = steps * batch_size - n
+        xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        xp = xp.reshape(steps, batch_size, *x.shape[1:])
+
+        def apply_batch(xb):
+            y, _ = model.apply_with_state(params, state, xb, train=False)
+            if output == "probabilities":
+                y = jax.nn.softmax(y, axis=-1)
+            elif output == "classes":
+                y = jnp.argmax(y, axis=-1)
+            return y
+
+        ys = jax.lax.map(apply_batch, xp)
+        return ys.reshape(steps * batch_size, *ys.shape[2:])[:n]
+
+    return run
+
+
+# --------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------
+
+
+def _format_logs(logs: Mapping[str, float]) -> str:
+    return " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
+
+
+def fit(
+    model: Layer,
+    params: Params,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: LossFn,
+    optimizer: optax.GradientTransformation,
+    key: PRNGKey,
+    epochs: int = 1,
+    batch_size: int = 32,
+    state: State | None = None,
+    opt_state: Any = None,
+    penalty: Callable[[Params], Array] | None = None,
+    metrics: Sequence[str | MetricFn] = ("accuracy",),
+    validation_data: tuple[Any, Any] | None = None,
+    validation_split: float = 0.0,
+    initial_epoch: int = 0,
+    callbacks: Iterable[Callback] = (),
+    shuffle: bool = True,
+    steps_per_call: int | None = None,
+    verbose: int = 1,
+) -> FitResult:
+    """Train ``model`` on in-memory arrays ``(x, y)``.
+
+    Each step minimises ``loss(model(params, x_batch), y_batch, weights=w) +
+    penalty(params)`` with ``optimizer`` (any optax gradient transformation:
+    jaxnn's own or optax's). The loss must accept a ``weights`` keyword
+    (per-example weights; all of :mod:`jaxnn.losses` do) and metrics likewise.
+
+    Args:
+      model: the model; ``params`` (and ``state``) as returned by its init.
+      x, y: inputs and targets, leading axis = examples (numpy or JAX arrays).
+        For data too large for memory, pass ``y=None`` and as ``x`` either a
+        function ``epoch -> iterable of (x_batch, y_batch)`` or a re-iterable
+        collection of batches; each batch then runs through one jitted step.
+      loss: e.g. ``jaxnn.losses.sparse_softmax_cross_entropy`` for integer labels
+        and a model that outputs logits.
+      optimizer: e.g. ``jaxnn.optimizers.adam(1e-3)`` or ``optax.adam(1e-3)``.
+      key: PRNG key for shuffling and dropout; epoch ``e`` uses ``fold_in(key, e)``.
+      epochs: train until this epoch count is reached (counting ``initial_epoch``).
+      batch_size: examples per step (default 32, as Keras). The last partial batch
+        is kept, padded with zero-weight rows.
+      state: the model's state (BatchNorm statistics), if it has any.
+      opt_state: the optimizer state to resume from; ``optimizer.init(params)`` if None.
+      penalty: e.g. ``jaxnn.regularizers.l2(1e-4)``; added to the loss.
+      metrics: names in :mod:`jaxnn.metrics` or functions ``f(pred, y, weights=)``.
+      validation_data: ``(x_val, y_val)`` evaluated after each epoch.
+      validation_split: alternatively, this fraction of the examples (the last
+        ones, before shuffling, as Keras) is held out for validation.
+      initial_epoch: the epoch to start at (to resume from a checkpoint).
+      callbacks: e.g. :class:`EarlyStopping`, :class:`CheckpointEveryEpoch`.
+      shuffle: reshuffle the examples every epoch.
+      steps_per_call: None runs each epoch as one compiled program; an integer
+        ``k`` runs ``k`` steps per compiled call (``1`` is the classic jitted-step
+        loop), which can be faster for convolutions on CPU.
+      verbose: 0 silent, 1 one line per epoch.
+
+    Returns:
+      A :class:`FitResult` with the trained params, state, optimizer state and
+      the history of the logged values per epoch.
+    """
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if steps_per_call is not None:
+        steps_per_call = _check_positive_int(steps_per_call, "steps_per_call")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    if validation_split and validation_data is not None:
+        raise ValueError("give either validation_data or validation_split, not both")
+    if not isinstance(optimizer, optax.GradientTransformation) and not (
+        hasattr(optimizer, "init") and hasattr(optimizer, "update")
+    ):
+        raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    streaming = y is None
+    if streaming:
+        if validation_split:
+            raise ValueError("validation_split needs in-memory arrays; pass validation_data")
+        batches_for = x if callable(x) else (lambda epoch: x)
+        if not callable(x) and iter(x) is x:
+            raise TypeError("x is a one-shot iterator; pass a list of batches or a function "
+                            "epoch -> iterable of (x_batch, y_batch) so each epoch can restart")
+        n = batch_size  # only used to size validation batches
+    else:
+        n = _check_arrays(x, y)
+    if validation_split:
+        n_val = int(n * validation_split)
+        if n_val == 0 or n_val == n:
+            raise ValueError(f"validation_split={validation_split} of {n} examples leaves "
+                             f"{n_val} for validation; choose a fraction that leaves both sides")
+        validation_data = (_slice(x, n - n_val, n), _slice(y, n - n_val, n))
+        x, y = _slice(x, 0, n - n_val), _slice(y, 0, n - n_val)
+        n -= n_val
+    batch_size = min(batch_size, n)
+    callbacks = list(callbacks)
+    metric_fns = _metric_table(metrics)
+    state = {} if state is None else state
+    opt_state = optimizer.init(params) if opt_state is None else opt_state
+
+    if streaming:
+        trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns)
+    else:
+        data = jax.tree_util.tree_map(jnp.asarray, (x, y))
+        trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
+                           shuffle, steps_per_call)
+    validate = None
+    if validation_data is not None:
+        x_val, y_val = validation_data
+        n_val = _check_arrays(x_val, y_val, "validation_data")
+        val_data = jax.tree_util.tree_map(jnp.asarray, (x_val, y_val))
+        validate = _evaluate_compiled(model, loss, penalty, metric_fns,
+                                      min(max(batch_size, 1000), n_val))
+
+    history: dict[str, list[float]] = {}
+    # The compiled epoch donates (reuses) the buffers of its carry; copy once so the
+    # caller's params, state and optimizer state stay valid.
+    carry = jax.tree_util.tree_map(jnp.array, (params, state, opt_state))
+    epoch = initial_epoch
+    for callback in callbacks:
+        callback.on_train_begin()
+    while epoch < epochs:
+        start = time.perf_counter()
+        compiling = trainer.compile_seconds
+        epoch_key = jax.random.fold_in(key, epoch)
+        if streaming:
+            carry, sums = trainer.epoch(carry, batches_for(epoch), epoch_key)
+        else:
+            carry, sums = trainer.epoch(carry, data, epoch_key)
+        logs = _logs_from_sums(sums, list(metric_fns))  # waits for the epoch to finish
+        seconds = time.perf_counter() - start - (trainer.compile_seconds - compiling)
+        if validate is not None:
+            logs.update({"val_" + k: v for k, v in validate(carry[0], carry[1], *val_data).items()})
+        for name, value in logs.items():
+            history.setdefault(name, []).append(value)
+        history.setdefault("seconds", []).append(seconds)
+        if verbose:
+            print(f"Epoch {epoch + 1}/{epochs} - {seconds:.2f}s - {_format_logs(logs)}",
+                  file=sys.stdout, flush=True)
+        epoch += 1
+        info = EpochEnd(epoch - 1, logs, *carry, key, history)
+        stop = False
+        for callback in callbacks:
+            stop = callback.on_epoch_end(info) or stop
+        if stop:
+            break
+
+    result = FitResult(carry[0], carry[1], carry[2], history, epoch, key,
+                       trainer.compile_seconds)
+    for callback in callbacks:
+        result = callback.on_train_end(result)
+    return result
+
+
+def resume(directory, *, params: Params, state: State | None = None, opt_state: Any = None):
+    """Load the latest checkpoint in ``directory`` written by :class:`ModelCheckpoint`.
+
+    ``params``, ``state`` and ``opt_state`` are templates (e.g. freshly
+    initialised values) giving the structure to restore into. Returns the
+    :class:`jaxnn.checkpoint.Checkpoint`, or None when the directory holds none.
+    Continue with ``fit(..., params=ckpt.params, state=ckpt.state,
+    opt_state=ckpt.opt_state, key=ckpt.key, initial_epoch=ckpt.epoch)``.
+    """
+    from jaxnn.checkpoint import CheckpointManager
+
+    target: dict[str, Any] = {"params": params, "state": state or {}}
+    if opt_state is not None:
+        target["opt_state"] = opt_state
+    return CheckpointManager(directory, max_to_keep=None).restore_latest(target=target)
