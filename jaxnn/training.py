@@ -199,6 +199,7 @@ class _Trainer:
             return idx, weights, keys
 
         self.plan = jax.jit(plan)
+        self._plan_compiled = None
 
     def _program(self, length, *args):
         """The compiled program running ``length`` steps (compiled ahead, timed, once)."""
@@ -211,7 +212,11 @@ class _Trainer:
         return program
 
     def epoch(self, carry, data, key):
-        plan = self.plan(key)
+        if self._plan_compiled is None:
+            start = time.perf_counter()
+            self._plan_compiled = self.plan.lower(key).compile()
+            self.compile_seconds += time.perf_counter() - start
+        plan = self._plan_compiled(key)
         totals = None
         for start in range(0, self.steps, self.chunk):
             length = min(self.chunk, self.steps - start)
