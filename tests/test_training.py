@@ -30,11 +30,12 @@ def _reference_loop(model, params, x, y, batch_size, epochs, optimizer, l2=0.0):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return ce + l2 * sum(jnp.sum(p[k]["kernel"] ** 2) for k in p)
 
+    grad = jax.jit(jax.grad(objective))
     opt_state = optimizer.init(params)
     for _ in range(epochs):
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            grads = jax.grad(objective)(params, xb, yb)
+            grads = grad(params, xb, yb)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
     return params
