@@ -199,3 +199,18 @@ def test_dense_options_and_errors(key, x64):
     assert jaxnn.Dense(3, dtype=jnp.float32).init(key, x)["kernel"].dtype == jnp.float32
     with pytest.raises(ValueError, match="units must be a positive integer"):
         jaxnn.Dense(0)
+
+
+@pytest.mark.parametrize("layer", [jaxnn.Flatten(), jaxnn.Reshape((6, 2))],
+                         ids=["flatten", "reshape"])
+def test_shape_layers_gradients_jit_and_vmap(layer, x64):
+    x = jax.random.normal(jax.random.key(4), (2, 3, 4))
+    weights = jax.random.normal(jax.random.key(5), (2, 12))
+    f = lambda x: jnp.sum(layer.apply({}, x).reshape(2, 12) * weights)
+    errors = check_grads(f, x)
+    assert max(errors.values()) < 1e-6
+    # The gradient of a reshape is the upstream gradient reshaped back.
+    np.testing.assert_array_equal(jax.grad(f)(x), np.asarray(weights).reshape(2, 3, 4))
+    np.testing.assert_array_equal(jax.jit(layer.apply)({}, x), layer.apply({}, x))
+    stacked = jax.vmap(lambda x: layer.apply({}, x))(jnp.stack([x, 2 * x]))
+    np.testing.assert_array_equal(stacked[1], layer.apply({}, 2 * x))

@@ -191,5 +191,7 @@ def as_layer(obj: Layer | Callable[..., Array]) -> Layer:
         name = getattr(base, "__name__", type(base).__name__).lower()
         if name == "<lambda>":
             name = "lambda"
-        return stateless(name, obj, spec=name)
+        bound = getattr(obj, "keywords", None) or {}
+        spec = f"{name}({', '.join(f'{k}={v!r}' for k, v in bound.items())})" if bound else name
+        return stateless(name, obj, spec=spec)
     raise TypeError(f"expected a jaxnn Layer or a callable, got {type(obj).__name__}: {obj!r}")
