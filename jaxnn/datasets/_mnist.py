@@ -10,7 +10,10 @@
    whose files are checked against their published sha256 digests; missing or
    mismatching files are downloaded (``download=True``) from public mirrors,
    verified, and moved into place atomically;
-3. tensorflow-datasets, when it is installed (it needs TensorFlow).
+3. tensorflow-datasets, when it is installed (it needs TensorFlow): MNIST as tfds has
+   prepared it in ``tfds_data_dir``; if not yet prepared, tfds prepares it there, offline
+   from the four ``.gz`` files in ``tfds_manual_dir`` when that is given, else by
+   downloading them itself (``download=True``).
 
 When no source works, ``DatasetUnavailableError`` lists every source tried, why
 it failed, and how to supply the files. ``digits()`` loads the small dataset
@@ -219,14 +222,50 @@ def _load_files(files: dict[str, Path]) -> tuple[np.ndarray, ...]:
     return tuple(arrays[name] for name in MNIST_FILES)
 
 
-def _tfds_mnist(download: bool) -> tuple[np.ndarray, ...]:
-    """MNIST through tensorflow-datasets; raises ImportError when it is not installed."""
+def _check_manual_dir(folder: Path) -> None:
+    """Check that ``folder`` holds the four ``.gz`` files, each with its published sha256.
+
+    tensorflow-datasets looks for exactly these names in its manual dir and downloads any
+    file it does not find there, so a gap here would silently reach for the network.
+    """
+    problems = []
+    for name in MNIST_FILES:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif (digest := _sha256(path)) != MNIST_SHA256[name]:
+            problems.append(f"{name}: sha256 {digest} is not the expected {MNIST_SHA256[name]}")
+    if problems:
+        raise DatasetError(
+            f"tfds_manual_dir {folder} cannot be used to prepare MNIST offline ("
+            + "; ".join(problems)
+            + "); it needs the four gzipped files under their standard names"
+        )
+
+
+def _tfds_mnist(
+    download: bool, data_dir: Path | None = None, manual_dir: Path | None = None
+) -> tuple[np.ndarray, ...]:
+    """MNIST through tensorflow-datasets; raises ImportError when it is not installed.
+
+    ``data_dir`` is tfds's folder of prepared datasets (its default when None). With
+    ``manual_dir``, tfds prepares MNIST from the files there (checked first by
+    ``_check_manual_dir``) without the network, whatever ``download`` says; without it,
+    tfds downloads the files itself only if ``download`` is true.
+    Only the options that are set are passed on to ``tfds.load``.
+    """
     import tensorflow_datasets as tfds
 
+    options: dict[str, Any] = {"download": download}
+    if data_dir is not None:
+        options["data_dir"] = os.fspath(data_dir)
+    if manual_dir is not None:
+        _check_manual_dir(manual_dir)
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+        options["download"] = True  # "download and prepare": the files are all local
+        options["download_and_prepare_kwargs"] = {"download_config": config}
     train, test = tfds.as_numpy(
-        tfds.load(
-            "mnist", split=["train", "test"], batch_size=-1, as_supervised=True, download=download
-        )
+        tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True, **options)
     )
     out = []
     for images, labels in (train, test):
@@ -272,7 +311,9 @@ def _how_to_supply(cache: Path) -> str:
         f"data_dir=<folder> (--data-dir in the examples) or set {DATA_DIR_ENV}=<folder>; "
         f"or copy the .gz files into {cache}; or allow the download (download=True) from "
         f"{' or '.join(MNIST_MIRRORS)}; "
-        "or pip install tensorflow-datasets tensorflow."
+        "or pip install tensorflow-datasets tensorflow-cpu importlib_resources (the jaxnn[tfds] "
+        "extra) and pass tfds_manual_dir=<folder with the four .gz files> to prepare MNIST "
+        "offline with tensorflow-datasets."
     )
 
 
@@ -285,6 +326,8 @@ def mnist(
     mirrors: Sequence[str] = MNIST_MIRRORS,
     timeout: float = 10.0,
     use_tfds: bool = True,
+    tfds_data_dir: str | os.PathLike | None = None,
+    tfds_manual_dir: str | os.PathLike | None = None,
 ) -> Dataset:
     """Load MNIST: 60,000 training and 10,000 test images of handwritten digits.
 
@@ -300,11 +343,21 @@ def mnist(
       mirrors: base URLs to try in order, each followed by a file name.
       timeout: seconds to wait on each network operation.
       use_tfds: fall back to tensorflow-datasets if it is installed.
+      tfds_data_dir: where tensorflow-datasets keeps prepared datasets; default its own
+        (``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``). MNIST prepared there once is
+        read back on later calls without ``tfds_manual_dir`` or the network.
+      tfds_manual_dir: a folder with the four gzipped files under their standard names
+        (e.g. ``train-images-idx3-ubyte.gz``), each checked against its sha256 first;
+        tensorflow-datasets prepares MNIST from them into ``tfds_data_dir`` without the
+        network, even when ``download=False``. Only used when the sources before
+        tensorflow-datasets fail (so give no ``data_dir``).
 
     Returns:
       A ``Dataset`` with ``x_train`` float32 (60000, 28, 28) = pixels / 255 in [0, 1],
       ``y_train`` int32 (60000,), ``x_test`` (10000, 28, 28), ``y_test`` (10000,),
       ``name="MNIST"`` and ``source``/``location`` saying where the data came from.
+      tensorflow-datasets stores the examples in its own fixed shuffled order: the same
+      images and labels as the files, in a different order.
 
     Raises:
       DatasetError: a file is corrupt or malformed (the message names it).
@@ -372,14 +425,26 @@ def mnist(
     if not use_tfds:
         failures.append(("tensorflow-datasets", "disabled (use_tfds=False)"))
     else:
+        options: dict[str, Path] = {}
+        location = "tensorflow_datasets.load('mnist')"
+        if tfds_data_dir is not None:
+            options["data_dir"] = Path(tfds_data_dir).expanduser()
+            location = f"tensorflow_datasets.load('mnist', data_dir={str(options['data_dir'])!r})"
+        if tfds_manual_dir is not None:
+            options["manual_dir"] = Path(tfds_manual_dir).expanduser()
+            location += f" with manual_dir {options['manual_dir']}"
         try:
-            arrays = _tfds_mnist(download)
+            arrays = _tfds_mnist(download, **options)
         except ImportError as err:
-            failures.append(("tensorflow-datasets", f"not installed ({err})"))
+            if err.name in (None, "tensorflow_datasets"):
+                failures.append(("tensorflow-datasets", f"not installed ({err})"))
+            else:  # e.g. TensorFlow, which tfds imports only to prepare a dataset
+                why = f"installed, but a module it needs is missing: {err.name} ({err})"
+                failures.append(("tensorflow-datasets", why))
         except Exception as err:  # tfds fails in many ways (network, TF, prepare errors)
             failures.append(("tensorflow-datasets", f"{type(err).__name__}: {err}"))
         else:
-            return dataset(arrays, "tensorflow-datasets", "tensorflow_datasets.load('mnist')")
+            return dataset(arrays, "tensorflow-datasets", location)
 
     lines = [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(failures, 1)]
     raise DatasetUnavailableError(
