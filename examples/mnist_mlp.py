@@ -10,6 +10,7 @@ the softmax for you.
 
     python examples/mnist_mlp.py                       # MNIST from the usual sources
     python examples/mnist_mlp.py --data-dir DIR --json # a folder of the four IDX files
+    python examples/mnist_mlp.py --grad manual         # hand-written backprop (jaxnn.manual)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 
 import jaxnn
-from jaxnn import datasets
+from jaxnn import datasets, manual
 
 OPTIMIZERS = {
     # name: (jaxnn's own, optax's counterpart)
@@ -52,6 +53,9 @@ def parse_args(argv=None):
                         help="use optax's optimizer instead of jaxnn's own")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the kernels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grad", choices=("autodiff", "manual"), default="autodiff",
+                        help="gradients by jax.grad (default) or by the hand-written "
+                        "backward pass of jaxnn.manual.MLP")
     parser.add_argument("--plot", metavar="FILE", help="save training curves as a PNG")
     parser.add_argument("--checkpoint-dir", help="save a checkpoint every epoch here, and "
                         "resume from the latest one found there")
@@ -81,6 +85,10 @@ def build_model():
         jaxnn.Dense(64), jaxnn.relu,
         jaxnn.Dense(10),
     ])
+
+
+# build_model() with its backward pass written by hand (same parameter layout)
+MANUAL_MODEL = manual.MLP(units=(64, 64, 10), activation="relu")
 
 
 def save_plot(history, path):
@@ -123,6 +131,10 @@ def main(argv=None):
     ours, theirs = OPTIMIZERS[args.optimizer]
     optimizer = (theirs if args.optax else ours)(lr)
     penalty = jaxnn.regularizers.l2(args.l2) if args.l2 else None
+    value_and_grad = None
+    if args.grad == "manual":  # the same loss + L2, differentiated by hand
+        value_and_grad = MANUAL_MODEL.value_and_grad("softmax_cross_entropy", l2=args.l2)
+        penalty = None
     opt_state = None
     initial_epoch = 0
     callbacks = []
@@ -143,7 +155,7 @@ def main(argv=None):
         optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
         opt_state=opt_state, initial_epoch=initial_epoch, penalty=penalty,
         metrics=["accuracy"], validation_data=(x_test, y_test), callbacks=callbacks,
-        verbose=verbose,
+        verbose=verbose, value_and_grad=value_and_grad,
     )
     wall = time.perf_counter() - start
 
@@ -168,6 +180,7 @@ def main(argv=None):
         "learning_rate": lr,
         "l2": args.l2,
         "seed": args.seed,
+        "grad": args.grad,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "train_seconds": float(sum(result.history.get("seconds", []))),

@@ -33,6 +33,7 @@ from jaxnn.layers._base import Layer
 
 LossFn = Callable[..., Array]
 MetricFn = Callable[..., Array]
+ValueAndGradFn = Callable[..., tuple[Array, Params, Any]]
 
 
 class FitResult(NamedTuple):
@@ -123,11 +124,14 @@ def _slice(tree, start, stop):
 
 
 def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformation,
-               penalty: Callable[[Params], Array] | None, metric_fns: dict[str, MetricFn]):
+               penalty: Callable[[Params], Array] | None, metric_fns: dict[str, MetricFn],
+               value_and_grad: ValueAndGradFn | None = None):
     """``step(carry, batch) -> (carry, sums)`` for one optimisation step.
 
     ``carry = (params, state, opt_state)``; ``batch = (x, y, weights, key)``;
     ``sums`` holds the weight total and the weighted sums of loss and metrics.
+    The gradient is ``jax.value_and_grad`` of the model's loss, or, when
+    ``value_and_grad`` is given, what that function returns (the state is kept).
     """
 
     def objective(params, state, x, y, weights, key):
@@ -142,7 +146,10 @@ def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformati
     def step(carry, batch):
         params, state, opt_state = carry
         x, y, weights, key = batch
-        (value, (state, predictions)), grads = grad_fn(params, state, x, y, weights, key)
+        if value_and_grad is None:
+            (value, (state, predictions)), grads = grad_fn(params, state, x, y, weights, key)
+        else:
+            value, grads, predictions = value_and_grad(params, x, y, weights)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         total = jnp.sum(weights)
@@ -168,12 +175,12 @@ class _Trainer:
     """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
-                 shuffle, steps_per_call):
+                 shuffle, steps_per_call, value_and_grad=None):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
         self.chunk = self.steps if steps_per_call is None else min(steps_per_call, self.steps)
-        step = _make_step(model, loss, optimizer, penalty, metric_fns)
+        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad)
         self.shuffle = shuffle
 
         def run_steps(carry, data, idx, weights, keys, start, length):
@@ -233,8 +240,8 @@ class _StreamTrainer:
     a ragged last batch does not cause a recompilation.
     """
 
-    def __init__(self, model, loss, optimizer, penalty, metric_fns):
-        step = _make_step(model, loss, optimizer, penalty, metric_fns)
+    def __init__(self, model, loss, optimizer, penalty, metric_fns, value_and_grad=None):
+        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad)
         self.step = jax.jit(step, donate_argnums=(0,))
         self.batch_size: int | None = None
         self.compile_seconds = 0.0  # not separated from the first step on this path
@@ -405,6 +412,7 @@ def fit(
     shuffle: bool = True,
     steps_per_call: int | None = None,
     verbose: int = 1,
+    value_and_grad: ValueAndGradFn | None = None,
 ) -> FitResult:
     """Train ``model`` on in-memory arrays ``(x, y)``.
 
@@ -440,6 +448,14 @@ def fit(
         ``k`` runs ``k`` steps per compiled call (``1`` is the classic jitted-step
         loop), which can be faster for convolutions on CPU.
       verbose: 0 silent, 1 one line per epoch.
+      value_and_grad: a custom gradient in place of ``jax.value_and_grad``: a
+        pure function ``(params, x_batch, y_batch, weights) -> (loss, grads,
+        predictions)``, where ``weights`` ``(batch,)`` are the per-example weights
+        (0 for the padded rows of a short last batch) and ``loss`` must be their
+        weighted mean, plus any penalty (``penalty`` must then be None); e.g.
+        ``jaxnn.manual.MLP(...).value_and_grad(...)``. ``predictions`` feed the
+        metrics. The model is still used for validation; it gets no dropout key
+        and its state is left unchanged.
 
     Returns:
       A :class:`FitResult` with the trained params, state, optimizer state and
@@ -453,6 +469,12 @@ def fit(
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
     if validation_split and validation_data is not None:
         raise ValueError("give either validation_data or validation_split, not both")
+    if value_and_grad is not None and penalty is not None:
+        raise ValueError("give the penalty inside value_and_grad (its loss and gradient must "
+                         "include it), not as penalty=, when using a custom value_and_grad")
+    if value_and_grad is not None and not callable(value_and_grad):
+        raise TypeError(f"value_and_grad must be a function (params, x, y, weights) -> "
+                        f"(loss, grads, predictions), got {value_and_grad!r}")
     if not isinstance(optimizer, optax.GradientTransformation) and not (
         hasattr(optimizer, "init") and hasattr(optimizer, "update")
     ):
@@ -483,11 +505,11 @@ def fit(
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
     if streaming:
-        trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns)
+        trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns, value_and_grad)
     else:
         data = jax.tree_util.tree_map(jnp.asarray, (x, y))
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
-                           shuffle, steps_per_call)
+                           shuffle, steps_per_call, value_and_grad)
     validate = None
     if validation_data is not None:
         x_val, y_val = validation_data

@@ -1,0 +1,366 @@
+"""Hand-written backpropagation (jaxnn.manual) against jax.grad, finite differences and numpy."""
+
+import importlib.util
+import itertools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnn import losses, regularizers
+from jaxnn.datasets import digits
+from jaxnn.gradcheck import check_grads
+from jaxnn.manual import (
+    ACTIVATIONS,
+    LOSSES,
+    MLP,
+    activation_backward,
+    activation_forward,
+    cross_entropy,
+    dense_backward,
+    dense_forward,
+    l1,
+    l2,
+    mse,
+    softmax_cross_entropy,
+)
+from jaxnn.optimizers import sgd
+from jaxnn.training import fit
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "mnist_mlp.py"
+DEPTHS = {1: (3,), 2: (5, 3), 4: (5, 5, 5, 3)}
+
+
+def _rel_errors(grads, reference):
+    """``{path: ||g - r|| / ||r||}`` over the leaves of two pytrees of equal structure."""
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(reference)
+    out = {}
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree_util.tree_leaves(reference)):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        out[jax.tree_util.keystr(path)] = np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)
+    return out
+
+
+def _problem(loss, units, seed):
+    """Random float64 inputs ``(9, 4)``, targets for ``loss`` and per-example weights."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(9, 4)))
+    if loss == "mse":
+        y = jnp.asarray(rng.normal(size=(9, units[-1])))
+    else:
+        y = jnp.asarray(rng.integers(0, units[-1], size=9), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, size=9)).at[3].set(0.0)
+    return x, y, weights
+
+
+def _random_params(units, in_features, seed):
+    """Float64 params in the layout of ``MLP(units).init`` (without compiling an init)."""
+    rng = np.random.default_rng(seed)
+    params, fan_in = {}, in_features
+    for index, width in enumerate(units):
+        params[f"dense_{index}"] = {"bias": jnp.asarray(rng.normal(size=width) * 0.5),
+                                    "kernel": jnp.asarray(rng.normal(size=(fan_in, width)))}
+        fan_in = width
+    return params
+
+
+def _autodiff_loss(net, loss, x, y, weights):
+    """The same loss built from jaxnn's functional pieces, for jax.grad."""
+    model = net.sequential()
+    loss_fn = losses.mean_squared_error if loss == "mse" else losses.sparse_softmax_cross_entropy
+    return lambda params: loss_fn(model.apply(params, x), y, weights=weights)
+
+
+# -- the whole network ----------------------------------------------------------
+
+
+def test_hand_written_gradients_equal_jax_grad(x64):
+    """Every activation x both losses x depths 1, 2, 4, each without and with L1 + L2."""
+    a, b = 0.03, 0.02
+    penalty = regularizers.elastic_net(a, b)
+    for seed, (act, loss, depth) in enumerate(itertools.product(ACTIVATIONS, LOSSES, DEPTHS)):
+        units = DEPTHS[depth]
+        # sigmoid on the output for MSE, so the output activation is exercised too
+        out_act = "sigmoid" if loss == "mse" and seed % 2 == 0 else "identity"
+        net = MLP(units, activation=act, output_activation=out_act)
+        x, y, weights = _problem(loss, units, seed)
+        params = _random_params(units, x.shape[1], seed)
+        ref_value, ref_grads = jax.value_and_grad(_autodiff_loss(net, loss, x, y, weights))(params)
+        ref_penalty, ref_penalty_grads = jax.value_and_grad(penalty)(params)
+        for strengths, ref_v, ref_g in (
+            ((0.0, 0.0), ref_value, ref_grads),
+            ((a, b), ref_value + ref_penalty,
+             jax.tree_util.tree_map(jnp.add, ref_grads, ref_penalty_grads)),
+        ):
+            fn = net.value_and_grad(loss, l1=strengths[0], l2=strengths[1])
+            value, grads, predictions = fn(params, x, y, weights)
+            where = f"{act}, {loss}, depth {depth}, output {out_act}, l1/l2={strengths}"
+            assert float(value) == pytest.approx(float(ref_v), rel=1e-12, abs=1e-12), where
+            errors = _rel_errors(grads, ref_g)
+            assert max(errors.values()) < 1e-6, (where, errors)
+        np.testing.assert_allclose(predictions, net.sequential().apply(params, x), rtol=1e-12)
+
+
+def test_hand_written_gradients_equal_finite_differences(x64):
+    """The manual gradient, installed as a custom VJP, passes check_grads (no jax.grad inside)."""
+    net = MLP((5, 4, 3), activation=("tanh", "sigmoid"), output_activation="softmax")
+    x, y, weights = _problem("mse", net.units, 0)
+    params = _random_params(net.units, x.shape[1], 0)
+    value_and_grad = net.value_and_grad("mse", l1=0.01, l2=0.05)
+
+    @jax.custom_vjp
+    def objective(p):
+        return value_and_grad(p, x, y, weights)[0]
+
+    def fwd(p):
+        value, grads, _ = value_and_grad(p, x, y, weights)
+        return value, grads
+
+    def bwd(grads, cotangent):
+        return (jax.tree_util.tree_map(lambda g: cotangent * g, grads),)
+
+    objective.defvjp(fwd, bwd)
+    errors = check_grads(objective, params)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_one_hot_labels_match_integer_labels(x64):
+    net = MLP((6, 4), activation="relu")
+    x, y, weights = _problem("softmax_cross_entropy", net.units, 1)
+    params = _random_params(net.units, x.shape[1], 1)
+    fn = net.value_and_grad("softmax_cross_entropy")
+    v_int, g_int, _ = fn(params, x, y, weights)
+    v_hot, g_hot, _ = fn(params, x, jax.nn.one_hot(y, 4, dtype=jnp.float64), weights)
+    assert float(v_int) == pytest.approx(float(v_hot), rel=1e-14)
+    assert max(_rel_errors(g_hot, g_int).values()) < 1e-14
+
+
+def test_params_have_the_layout_of_the_sequential_twin(key):
+    from jaxnn.activations import relu, tanh
+    from jaxnn.layers import Dense, Sequential
+
+    net = MLP((8, 8, 10), activation=("relu", "tanh"))
+    x = jnp.zeros((2, 5))
+    params = jax.eval_shape(lambda: net.init(key, x))
+    written = Sequential([Dense(8), relu, Dense(8), tanh, Dense(10)])
+    twin = jax.eval_shape(lambda: written.init(key, x))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(twin)
+    assert jax.tree_util.tree_leaves(params) == jax.tree_util.tree_leaves(twin)
+    assert sorted(params) == ["dense_0", "dense_1", "dense_2"]
+    assert params["dense_0"]["kernel"].shape == (5, 8) and params["dense_2"]["bias"].shape == (10,)
+    assert [c.name for c in net.sequential().children] == [c.name for c in written.children]
+
+
+def test_value_and_grad_under_jit_and_vmap(x64):
+    net = MLP((5, 3), activation="tanh")
+    x, y, _ = _problem("softmax_cross_entropy", net.units, 2)
+    params = _random_params(net.units, x.shape[1], 2)
+    fn = net.value_and_grad("softmax_cross_entropy", l2=0.0)
+    value, grads, _ = fn(params, x, y)
+    jit_value, jit_grads, _ = jax.jit(fn)(params, x, y)
+    assert float(jit_value) == pytest.approx(float(value), rel=1e-13)
+    assert max(_rel_errors(jit_grads, grads).values()) < 1e-13
+    # per-example gradients by vmap; their mean is the batch gradient of the mean loss
+    per_example = jax.vmap(lambda xi, yi: fn(params, xi[None], yi[None])[1])(x, y)
+    mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example)
+    assert max(_rel_errors(mean, grads).values()) < 1e-12
+
+
+# -- the pieces ------------------------------------------------------------------
+
+
+def test_dense_backward_is_the_transposed_products(x64):
+    rng = np.random.default_rng(0)
+    x, kernel, bias, dz = (rng.normal(size=s) for s in ((6, 4), (4, 3), (3,), (6, 3)))
+    params = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+    np.testing.assert_allclose(dense_forward(params, jnp.asarray(x)), x @ kernel + bias,
+                               rtol=1e-13)
+    grads, dx = dense_backward(params, jnp.asarray(x), jnp.asarray(dz))
+    # numpy loops over the definition dL/dW[j,k] = sum_i x[i,j] dz[i,k], etc.
+    d_kernel = np.zeros_like(kernel)
+    d_x = np.zeros_like(x)
+    for i, j, k in itertools.product(range(6), range(4), range(3)):
+        d_kernel[j, k] += x[i, j] * dz[i, k]
+        d_x[i, j] += dz[i, k] * kernel[j, k]
+    np.testing.assert_allclose(grads["kernel"], d_kernel, rtol=1e-12)
+    np.testing.assert_allclose(grads["bias"], dz.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(dx, d_x, rtol=1e-12)
+    assert dense_backward(params, jnp.asarray(x), jnp.asarray(dz), input_grad=False)[1] is None
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_backward_equals_vjp(x64, name):
+    rng = np.random.default_rng(1)
+    z = jnp.asarray(rng.normal(size=(5, 4)) * 3)
+    da = jnp.asarray(rng.normal(size=(5, 4)))
+    a, vjp = jax.vjp(lambda t: activation_forward(name, t), z)
+    np.testing.assert_allclose(activation_backward(name, z, a, da), vjp(da)[0], rtol=1e-12,
+                               atol=1e-15)
+
+
+def test_softmax_cross_entropy_gradient_is_the_long_way_simplified(x64):
+    """p - y equals softmax's Jacobian applied to the cross-entropy gradient -y / p."""
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.normal(size=(6, 5)))
+    labels = jnp.asarray(rng.integers(0, 5, size=6), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0, 1, size=6))
+    value, dz = softmax_cross_entropy(z, labels, weights)
+    p = activation_forward("softmax", z)
+    long_value, dp = cross_entropy(p, labels, weights)
+    np.testing.assert_allclose(activation_backward("softmax", z, p, dp), dz, rtol=1e-10)
+    assert float(long_value) == pytest.approx(float(value), rel=1e-12)
+
+
+def test_loss_values_and_gradients_against_numpy(x64):
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(6, 4))
+    t = rng.normal(size=(6, 4))
+    labels = rng.integers(0, 4, size=6)
+    w = rng.uniform(0, 2, size=6)
+    w[2] = 0.0
+    # mse: weighted mean over examples of the mean over values
+    value, grad = mse(jnp.asarray(z), jnp.asarray(t), jnp.asarray(w))
+    assert float(value) == pytest.approx(np.sum(w * np.mean((z - t) ** 2, 1)) / w.sum(), rel=1e-12)
+    np.testing.assert_allclose(grad, 2 * w[:, None] * (z - t) / (4 * w.sum()), rtol=1e-12)
+    # softmax cross-entropy
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.eye(4)[labels]
+    value, grad = softmax_cross_entropy(jnp.asarray(z), jnp.asarray(labels), jnp.asarray(w))
+    expected = np.sum(w * -np.log(p[np.arange(6), labels])) / w.sum()
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(grad, w[:, None] * (p - y) / w.sum(), rtol=1e-12)
+    assert np.all(np.asarray(grad)[2] == 0)  # a zero-weight example contributes nothing
+    # the losses agree with jaxnn.losses
+    assert float(value) == pytest.approx(float(losses.sparse_softmax_cross_entropy(
+        jnp.asarray(z), jnp.asarray(labels), weights=jnp.asarray(w))), rel=1e-12)
+
+
+def test_all_zero_weights_give_zero_loss_and_gradient(x64):
+    z = jnp.ones((3, 4))
+    for fn, y in ((mse, jnp.zeros((3, 4))), (softmax_cross_entropy, jnp.array([0, 1, 2]))):
+        value, grad = fn(z, y, jnp.zeros(3))
+        assert float(value) == 0.0 and not np.any(np.asarray(grad))
+
+
+def test_penalties_against_numpy(x64):
+    rng = np.random.default_rng(4)
+    params = {f"dense_{i}": {"kernel": jnp.asarray(rng.normal(size=(3, 2))),
+                             "bias": jnp.asarray(rng.normal(size=2))} for i in range(2)}
+    kernels = [np.asarray(params[f"dense_{i}"]["kernel"]) for i in range(2)]
+    value, grads = l1(0.3, params)
+    assert float(value) == pytest.approx(0.3 * sum(np.abs(k).sum() for k in kernels), rel=1e-12)
+    np.testing.assert_allclose(grads["dense_1"]["kernel"], 0.3 * np.sign(kernels[1]))
+    assert not np.any(np.asarray(grads["dense_0"]["bias"]))
+    value, grads = l2(0.2, params)
+    assert float(value) == pytest.approx(0.2 * sum((k ** 2).sum() for k in kernels), rel=1e-12)
+    np.testing.assert_allclose(grads["dense_0"]["kernel"], 0.4 * kernels[0], rtol=1e-12)
+    assert float(value) == pytest.approx(float(regularizers.l2(0.2)(params)), rel=1e-12)
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument_and_the_value():
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        MLP((4, 2), activation="gelu")
+    with pytest.raises(ValueError, match=r"one per hidden layer \(2 for units"):
+        MLP((4, 4, 2), activation=("relu",))
+    with pytest.raises(ValueError, match="units must be a non-empty sequence"):
+        MLP((4, 0))
+    net = MLP((4, 2))
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        net.value_and_grad("hinge")
+    with pytest.raises(ValueError, match="l2 must be a number >= 0, got -1"):
+        net.value_and_grad(l2=-1.0)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 3)))
+    with pytest.raises(ValueError, match="x has 5 features but dense_0/kernel expects 3"):
+        net.apply(params, jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"shape \(batch, features\), got shape \(3,\)"):
+        net.apply(params, jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"params must hold the layers \['dense_0', 'dense_1'\]"):
+        net.apply({"dense_0": params["dense_0"]}, jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"weights must have shape \(2,\)"):
+        mse(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 2\)"):
+        softmax_cross_entropy(jnp.zeros((2, 2)), jnp.array([0, 2]))
+
+
+# -- fit with the hand-written gradient ---------------------------------------------
+
+
+def _fit_both(x, y, net, *, optimizer, streaming=False):
+    model = net.sequential()
+    params = net.init(jax.random.key(0), x[:1])
+    common = dict(loss=losses.sparse_softmax_cross_entropy, optimizer=optimizer,
+                  key=jax.random.key(1), epochs=2, batch_size=16, verbose=0)
+    if streaming:  # 50 examples in batches of 16: the last one is padded with weight-0 rows
+        batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+        auto = fit(model, params, batches, penalty=regularizers.elastic_net(1e-3, 1e-2),
+                   **common)
+        hand = fit(model, params, batches, **common, value_and_grad=net.value_and_grad(
+            "softmax_cross_entropy", l1=1e-3, l2=1e-2))
+    else:
+        auto = fit(model, params, x, y, penalty=regularizers.elastic_net(1e-3, 1e-2), **common)
+        hand = fit(model, params, x, y, **common, value_and_grad=net.value_and_grad(
+            "softmax_cross_entropy", l1=1e-3, l2=1e-2))
+    return auto, hand
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "batches"])
+def test_fit_with_manual_gradient_equals_fit_with_autodiff(x64, streaming):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(50, 6))
+    y = rng.integers(0, 3, size=50).astype(np.int32)
+    net = MLP((8, 3), activation="tanh")
+    auto, hand = _fit_both(x, y, net, optimizer=sgd(0.1, momentum=0.9), streaming=streaming)
+    assert max(_rel_errors(hand.params, auto.params).values()) < 1e-9
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(hand.history[name], auto.history[name], rtol=1e-9)
+    # the parameters moved: the comparison is not between two untouched copies
+    start = net.init(jax.random.key(0), x[:1])
+    assert min(_rel_errors(hand.params, start).values()) > 1e-3
+
+
+def test_fit_refuses_a_penalty_beside_a_custom_gradient():
+    net = MLP((3,))
+    x, y = np.zeros((4, 2), np.float32), np.zeros(4, np.int32)
+    params = net.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="give the penalty inside value_and_grad"):
+        fit(net.sequential(), params, x, y, loss=losses.sparse_softmax_cross_entropy,
+            optimizer=optax.sgd(0.1), key=jax.random.key(0), verbose=0,
+            penalty=regularizers.l2(1e-3), value_and_grad=net.value_and_grad())
+
+
+# -- the example's --grad flag ------------------------------------------------------
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("mnist_mlp_example_manual", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_grad_manual_trains_on_digits(monkeypatch):
+    example = _load_example()
+    monkeypatch.setattr(example, "load_data", lambda data_dir: digits(flatten=True))
+    summary = example.main(["--epochs", "3", "--quiet", "--l2", "1e-4", "--grad", "manual"])
+    assert summary["grad"] == "manual" and summary["l2"] == 1e-4
+    assert summary["test_accuracy"] > 0.85
+
+
+@pytest.mark.slow
+def test_example_grad_manual_matches_autodiff_on_real_mnist(mnist_dir, capsys):
+    example = _load_example()
+    common = ["--data-dir", str(mnist_dir), "--json", "--quiet", "--seed", "0"]
+    auto = example.main([*common, "--grad", "autodiff"])
+    hand = example.main([*common, "--grad", "manual"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["grad"] == "manual"
+    assert abs(hand["test_accuracy"] - auto["test_accuracy"]) <= 0.003, (hand, auto)
+    assert hand["test_accuracy"] >= 0.97
