@@ -61,6 +61,7 @@ from jaxnn.layers import (
     model,
     stateless,
 )
+from jaxnn.population import fit_many, init_many
 from jaxnn.summary import count_params, summarize
 from jaxnn.training import FitResult, evaluate, fit, predict, resume
 
@@ -99,7 +100,9 @@ __all__ = [
     "elu",
     "evaluate",
     "fit",
+    "fit_many",
     "gelu",
+    "init_many",
     "initializers",
     "layers",
     "leaky_relu",

@@ -171,6 +171,32 @@ def _epoch_plan(n: int, batch_size: int, key: PRNGKey, shuffle: bool):
     return order.reshape(steps, batch_size), weights.reshape(steps, batch_size)
 
 
+def epoch_plan(key: PRNGKey, n: int, batch_size: int, shuffle: bool = True):
+    """The plan of one epoch from its key: ``(indices, weights, step_keys)``.
+
+    ``indices`` and ``weights`` are ``(steps, batch_size)`` (padded rows weigh 0);
+    ``step_keys`` holds one dropout key per step. The same key gives the same
+    plan, which is what makes a resumed run repeat an uninterrupted one.
+    """
+    shuffle_key, dropout_key = jax.random.split(key)
+    idx, weights = _epoch_plan(n, batch_size, shuffle_key, shuffle)
+    return idx, weights, jax.random.split(dropout_key, idx.shape[0])
+
+
+def scan_steps(step, carry, data, plan):
+    """Run ``step`` over the batches of ``plan`` with ``lax.scan``, gathering each
+    batch from the device-resident ``data = (x, y)``; returns the carry and the
+    summed per-step logs."""
+
+    def body(carry, batch):
+        idx, weights, key = batch
+        x, y = _take(data, idx)
+        return step(carry, (x, y, weights, key))
+
+    carry, sums = jax.lax.scan(body, carry, plan)
+    return carry, jax.tree_util.tree_map(jnp.sum, sums)
+
+
 class _Trainer:
     """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
 
@@ -184,28 +210,16 @@ class _Trainer:
         self.shuffle = shuffle
 
         def run_steps(carry, data, idx, weights, keys, start, length):
-            def body(carry, batch):
-                idx, weights, key = batch
-                x, y = _take(data, idx)
-                return step(carry, (x, y, weights, key))
-
             plan = jax.tree_util.tree_map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
             )
-            carry, sums = jax.lax.scan(body, carry, plan)
-            return carry, jax.tree_util.tree_map(jnp.sum, sums)
+            return scan_steps(step, carry, data, plan)
 
         self._run_steps = jax.jit(run_steps, donate_argnums=(0,), static_argnames=("length",))
         self._compiled: dict[int, Any] = {}
         self.compile_seconds = 0.0
 
-        def plan(key):
-            shuffle_key, dropout_key = jax.random.split(key)
-            idx, weights = _epoch_plan(n, batch_size, shuffle_key, shuffle)
-            keys = jax.random.split(dropout_key, self.steps)
-            return idx, weights, keys
-
-        self.plan = jax.jit(plan)
+        self.plan = jax.jit(lambda key: epoch_plan(key, n, batch_size, shuffle))
         self._plan_compiled = None
 
     def _program(self, length, *args):
@@ -308,13 +322,16 @@ def evaluate(
     )
 
 
-def _evaluate_compiled(model, loss, penalty, metric_fns, batch_size):
+def evaluation_sums(model, loss, penalty, metric_fns, batch_size):
+    """``sums(params, state, x, y)``: weighted sums of loss and metrics over all of
+    ``(x, y)`` in inference mode, batch by batch (a pure function, to jit or vmap)."""
+
     def run(params, state, x, y):
         n = jax.tree_util.tree_leaves(x)[0].shape[0]
         steps = math.ceil(n / batch_size)
         idx, weights = _epoch_plan(n, batch_size, None, shuffle=False)
 
-        def body(total, batch):
+        def body(_, batch):
             idx, weights = batch
             xb, yb = _take((x, y), idx)
             predictions, _ = model.apply_with_state(params, state, xb, train=False)
@@ -322,16 +339,19 @@ def _evaluate_compiled(model, loss, penalty, metric_fns, batch_size):
             sums = {"_weight": w, "loss": _weighted(loss, predictions, yb, weights) * w}
             for name, fn in metric_fns.items():
                 sums[name] = _weighted(fn, predictions, yb, weights) * w
-            return jax.tree_util.tree_map(jnp.add, total, sums), None
+            return None, sums
 
-        zero = {"_weight": 0.0, "loss": 0.0, **{name: 0.0 for name in metric_fns}}
-        zero = jax.tree_util.tree_map(lambda v: jnp.zeros((), jnp.float32), zero)
-        total, _ = jax.lax.scan(body, zero, (idx, weights), length=steps)
+        _, per_batch = jax.lax.scan(body, None, (idx, weights), length=steps)
+        total = jax.tree_util.tree_map(jnp.sum, per_batch)
         if penalty is not None:
             total["loss"] = total["loss"] + penalty(params) * total["_weight"]
         return total
 
-    jitted = jax.jit(run)
+    return run
+
+
+def _evaluate_compiled(model, loss, penalty, metric_fns, batch_size):
+    jitted = jax.jit(evaluation_sums(model, loss, penalty, metric_fns, batch_size))
     return lambda *args: _logs_from_sums(jitted(*args), list(metric_fns))
 
 

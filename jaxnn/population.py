@@ -1,0 +1,184 @@
+"""Many models at once: train K independent models in one compiled program.
+
+``fit_many`` runs ``jax.vmap`` over the members of a population: each member
+has its own parameters, optimizer state and training key, and may have its own
+hyperparameters (learning rate, penalty strength, ...). All members share the
+dataset, which is put on the device once. Every member follows exactly the
+recipe of :func:`jaxnn.fit` (its own shuffles and dropout keys from its key),
+so member ``k`` ends where ``fit`` alone would end with the same seed and
+hyperparameters: the population is a speed-up, not a different algorithm.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnn._typing import Array, Params, PRNGKey
+from jaxnn.layers._base import Layer
+from jaxnn.training import (
+    FitResult,
+    LossFn,
+    MetricFn,
+    _check_arrays,
+    _check_positive_int,
+    _make_step,
+    _metric_table,
+    epoch_plan,
+    evaluation_sums,
+    scan_steps,
+)
+
+Hyperparams = Mapping[str, Array]
+
+
+def init_many(model: Layer, keys: PRNGKey, *inputs: Any) -> Params:
+    """Initialise one model per key: every leaf gets a leading axis of size ``len(keys)``."""
+    structs = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in inputs)
+
+    def one(key):
+        params, state = model.initialize(key, *structs)
+        if jax.tree_util.tree_leaves(state):
+            raise ValueError("init_many: this model has state; fit_many supports stateless "
+                             "models only for now")
+        return params
+
+    return jax.jit(jax.vmap(one))(keys)
+
+
+def _population_size(params: Params, keys: PRNGKey, hyperparams: Hyperparams) -> int:
+    """K, the shared leading axis of every params leaf, the keys and each hyperparameter."""
+    leading = [("params", np.shape(leaf)[:1]) for leaf in jax.tree_util.tree_leaves(params)]
+    leading.append(("key", np.shape(keys)[:1]))
+    leading += [(f"hyperparams[{name!r}]", np.shape(v)[:1]) for name, v in hyperparams.items()]
+    sizes = {shape for _, shape in leading}
+    if len(sizes) != 1 or sizes == {()}:
+        described = ", ".join(f"{name}: {shape[0] if shape else 'scalar'}"
+                              for name, shape in dict(leading).items())
+        raise ValueError("fit_many: params (every leaf), key and each hyperparameter need the "
+                         f"same leading population axis; got {described}")
+    return sizes.pop()[0]
+
+
+def fit_many(
+    model: Layer,
+    params: Params,
+    x: Any,
+    y: Any,
+    *,
+    loss: LossFn,
+    optimizer: optax.GradientTransformation | Callable[[Hyperparams], Any],
+    key: PRNGKey,
+    hyperparams: Hyperparams | None = None,
+    penalty: Callable[..., Array] | None = None,
+    epochs: int = 1,
+    batch_size: int = 32,
+    metrics: Sequence[str | MetricFn] = ("accuracy",),
+    validation_data: tuple[Any, Any] | None = None,
+    shuffle: bool = True,
+    verbose: int = 1,
+) -> FitResult:
+    """Train a population of K models of the same architecture in one program.
+
+    Args:
+      model: the (stateless) model every member uses.
+      params: stacked parameters, leading axis K (see :func:`init_many`).
+      x, y: the training data, shared by all members.
+      loss, metrics, epochs, batch_size, shuffle: as in :func:`jaxnn.fit`.
+      optimizer: one optax gradient transformation for all members, or a function
+        ``hyperparams -> transformation`` called with each member's
+        hyperparameters, e.g. ``lambda hp: jaxnn.optimizers.adam(hp["lr"])``.
+      key: stacked PRNG keys, one per member (``jax.random.split(key, K)``);
+        member ``k`` shuffles exactly as ``fit(..., key=key[k])`` would.
+      hyperparams: ``{name: array of shape (K,)}``, per-member values passed to
+        ``optimizer`` and ``penalty``.
+      penalty: ``penalty(params)`` as in ``fit``; when ``hyperparams`` is given,
+        ``penalty(params, hyperparams)`` (e.g. ``lambda p, hp: hp["l2"] * l2(1.0)(p)``).
+      validation_data: ``(x_val, y_val)`` evaluated for every member each epoch.
+
+    Returns:
+      A :class:`jaxnn.FitResult` whose params and optimizer state have the
+      leading axis K, and whose history holds, per logged name, one list of K
+      values per epoch.
+    """
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    hyperparams = dict(hyperparams or {})
+    members = _population_size(params, key, hyperparams)
+    n = _check_arrays(x, y)
+    batch_size = min(batch_size, n)
+    metric_fns = _metric_table(metrics)
+    hyperparams = {name: jnp.asarray(v) for name, v in hyperparams.items()}
+
+    def parts(hp):
+        opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(hp)
+        if penalty is None:
+            pen = None
+        elif hyperparams:
+            pen = lambda p: penalty(p, hp)
+        else:
+            pen = penalty
+        return opt, pen
+
+    def member_epoch(carry, hp, member_key, epoch, data):
+        opt, pen = parts(hp)
+        step = _make_step(model, loss, opt, pen, metric_fns)
+        plan = epoch_plan(jax.random.fold_in(member_key, epoch), n, batch_size, shuffle)
+        return scan_steps(step, carry, data, plan)
+
+    def member_init(p, hp):
+        return parts(hp)[0].init(p)
+
+    run_epoch = jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, 0, None, None)),
+                        donate_argnums=(0,))
+    data = jax.tree_util.tree_map(jnp.asarray, (x, y))
+    opt_state = jax.jit(jax.vmap(member_init))(params, hyperparams)
+    carry = (jax.tree_util.tree_map(jnp.array, params), {}, opt_state)
+
+    validate = None
+    if validation_data is not None:
+        n_val = _check_arrays(*validation_data, "validation_data")
+        val_data = jax.tree_util.tree_map(jnp.asarray, tuple(validation_data))
+
+        def member_eval(p, hp, xv, yv):
+            sums = evaluation_sums(model, loss, parts(hp)[1], metric_fns,
+                                   min(max(batch_size, 1000), n_val))
+            return sums(p, {}, xv, yv)
+
+        validate = jax.jit(jax.vmap(member_eval, in_axes=(0, 0, None, None)))
+
+    def means(sums, prefix=""):
+        sums = jax.device_get(sums)
+        return {prefix + name: (np.asarray(sums[name]) / np.asarray(sums["_weight"])).tolist()
+                for name in ("loss", *metric_fns)}
+
+    start = time.perf_counter()
+    compiled = run_epoch.lower(carry, hyperparams, key, 0, data).compile()
+    compile_seconds = time.perf_counter() - start
+    history: dict[str, list] = {}
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        carry, sums = compiled(carry, hyperparams, key, epoch, data)
+        logs = means(sums)
+        seconds = time.perf_counter() - start
+        if validate is not None:
+            logs.update(means(validate(carry[0], hyperparams, *val_data), "val_"))
+        for name, values in logs.items():
+            history.setdefault(name, []).append(values)
+        history.setdefault("seconds", []).append(seconds)
+        if verbose:
+            best = min(logs["loss"])
+            print(f"Epoch {epoch + 1}/{epochs} - {seconds:.2f}s - {members} models - "
+                  f"loss: best {best:.4f}, mean {float(np.mean(logs['loss'])):.4f}",
+                  file=sys.stdout, flush=True)
+    return FitResult(carry[0], carry[1], carry[2], history, epochs, key, compile_seconds)
+
+
+__all__ = ["fit_many", "init_many"]
