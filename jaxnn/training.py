@@ -183,18 +183,28 @@ def epoch_plan(key: PRNGKey, n: int, batch_size: int, shuffle: bool = True):
     return idx, weights, jax.random.split(dropout_key, idx.shape[0])
 
 
-def scan_steps(step, carry, data, plan):
-    """Run ``step`` over the batches of ``plan`` with ``lax.scan``, gathering each
-    batch from the device-resident ``data = (x, y)``; returns the carry and the
-    summed per-step logs."""
+def scan_steps(step, carry, data, plan, unroll: bool = False):
+    """Run ``step`` over the batches of ``plan``, gathering each batch from the
+    device-resident ``data = (x, y)``; returns the carry and the summed per-step logs.
+
+    A rolled ``lax.scan`` by default; ``unroll=True`` writes the steps out as
+    straight-line code instead (XLA:CPU runs convolutions several times slower
+    inside a loop than outside one, even a loop of one step).
+    """
 
     def body(carry, batch):
         idx, weights, key = batch
         x, y = _take(data, idx)
         return step(carry, (x, y, weights, key))
 
-    carry, sums = jax.lax.scan(body, carry, plan)
-    return carry, jax.tree_util.tree_map(jnp.sum, sums)
+    if not unroll:
+        carry, sums = jax.lax.scan(body, carry, plan)
+        return carry, jax.tree_util.tree_map(jnp.sum, sums)
+    totals = None
+    for i in range(plan[0].shape[0]):
+        carry, sums = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], plan))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    return carry, totals
 
 
 class _Trainer:
@@ -213,7 +223,8 @@ class _Trainer:
             plan = jax.tree_util.tree_map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
             )
-            return scan_steps(step, carry, data, plan)
+            # A chunk of a few steps is written out; a whole epoch stays a rolled loop.
+            return scan_steps(step, carry, data, plan, unroll=steps_per_call is not None)
 
         self._run_steps = jax.jit(run_steps, donate_argnums=(0,), static_argnames=("length",))
         self._compiled: dict[int, Any] = {}
