@@ -1,0 +1,153 @@
+"""The throughput benchmark (benchmarks/throughput.py) keeps running, and its FLOP counts hold.
+
+The end-to-end test runs ``--quick`` (tiny epochs; it checks that every figure is
+produced, not how fast). The FLOP counts are checked against XLA's own cost
+analysis of independently written models.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_common  # noqa: E402
+import throughput  # noqa: E402
+
+BATCH = 32
+
+
+def _xla_flops_per_sample(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0]
+    return cost["flops"] / BATCH
+
+
+def _ones(*shape):
+    return jnp.ones(shape, jnp.float32)
+
+
+def _mlp(p, x):
+    h = jax.nn.relu(x @ p[0])
+    return jax.nn.relu(h @ p[1]) @ p[2]
+
+
+def _cnn(p, x):
+    def block(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.reduce_window(jax.nn.relu(y), -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                     (1, 2, 2, 1), "VALID")
+
+    x = block(block(x, p[0]), p[1])
+    return x.reshape(x.shape[0], -1) @ p[2]
+
+
+def _lstm(p, x, gates=True):
+    """LSTM(128) over the rows, unrolled (XLA's cost analysis does not multiply loops).
+
+    With ``gates=False`` the gate nonlinearities are replaced by taking a slice,
+    leaving exactly the matmuls of the LSTM (the part the analytic count covers).
+    """
+    h = c = jnp.zeros((x.shape[0], 128), x.dtype)
+    for t in range(x.shape[1]):
+        z = x[:, t] @ p[0] + h @ p[1]
+        if gates:
+            i, f, g, o = jnp.split(z, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        else:
+            h = z[:, :128]
+    return h @ p[2]
+
+
+def _loss(model):
+    def loss(p, x, y):
+        logp = jax.nn.log_softmax(model(p, x))
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    return loss
+
+
+CASES = {
+    "mlp": (_mlp, [_ones(784, 64), _ones(64, 64), _ones(64, 10)], (BATCH, 784)),
+    "cnn": (_cnn, [_ones(3, 3, 1, 32), _ones(3, 3, 32, 64), _ones(1600, 10)],
+            (BATCH, 28, 28, 1)),
+    "lstm": (_lstm, [_ones(28, 512), _ones(128, 512), _ones(128, 10)], (BATCH, 28, 28)),
+}
+
+
+def test_mlp_flops_are_the_documented_figures():
+    # shared/PERF-LEADS.md: forward 2*(784*64 + 64*64 + 64*10), training 3*forward - 2*784*64
+    assert bench_common.mlp_flops() == (109_824, 229_120)
+    assert bench_common.MODELS["mlp32"].flops == bench_common.MODELS["mlp128"].flops
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm"])
+def test_flops_match_xla_cost_analysis(kind):
+    model, params, shape = CASES[kind]
+    x, y = _ones(*shape), jnp.zeros((BATCH,), jnp.int32)
+    forward, train = {"mlp": bench_common.mlp_flops, "cnn": bench_common.cnn_flops,
+                      "lstm": bench_common.lstm_flops}[kind]()
+    # XLA also counts bias-free elementwise work (relu, pooling, gates): a few percent.
+    assert forward <= _xla_flops_per_sample(model, params, x) <= 1.03 * forward
+    if kind == "lstm":  # the matmuls alone; the gates' backward adds ~10% of elementwise work
+        model = lambda p, x: _lstm(p, x, gates=False)  # noqa: E731
+    assert train <= _xla_flops_per_sample(jax.grad(_loss(model)), params, x, y) <= 1.03 * train
+
+
+def test_samples_entries_resolve_most_specific_first():
+    table = throughput.parse_samples("60000,cnn=12800,keras-tf:cnn=6400")
+    assert throughput.samples_for(table, "jaxnn", "mlp32") == 60000
+    assert throughput.samples_for(table, "jaxnn", "cnn") == 12800
+    assert throughput.samples_for(table, "keras-tf", "cnn") == 6400
+    assert throughput.samples_for(throughput.parse_samples("cnn=100"), "jax", "lstm") == 60000
+    for bad in ("cnn=0", "cnn=70000", "gru=10", "mxnet:cnn=10", "cnn=ten"):
+        with pytest.raises(Exception, match="--samples"):
+            throughput.parse_samples(bad)
+
+
+def test_summary_divides_samples_by_the_median_timed_epoch():
+    spec = bench_common.MODELS["mlp32"]
+    measured = {"epoch_seconds": [9.0, 2.0, 1.0, 4.0], "samples_per_epoch": 1000,
+                "wall_seconds": 20.0, "infer_seconds": [0.5, 0.25, 1.0], "infer_samples": 100}
+    got = bench_common.summarize(spec, measured, warmup=1)
+    epoch = statistics.median([2.0, 1.0, 4.0])
+    assert got["train_samples_per_s"] == pytest.approx(1000 / epoch)
+    assert got["train_gflop_per_s"] == pytest.approx(1000 / epoch * 229_120 / 1e9)
+    assert got["startup_seconds"] == pytest.approx(20.0 - 4 * epoch)
+    assert got["infer_samples_per_s"] == pytest.approx(100 / 0.5)
+
+
+@pytest.mark.slow
+def test_quick_run_produces_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--json", str(out),
+         "--frameworks", "jaxnn,jax"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["frameworks"]) == {"jaxnn", "jax"}
+    assert report["machine"]["cores"] >= 1 and report["date"]
+    assert all(rate > 0 for rate in report["matmul"]["gflop_per_s"].values())
+    for framework, result in report["frameworks"].items():
+        assert not result.get("errors") and "failed" not in result, result
+        assert set(result["results"]) == set(bench_common.MODELS), framework
+        for model, row in result["results"].items():
+            for figure in ("train_samples_per_s", "infer_samples_per_s", "train_gflop_per_s",
+                           "fraction_of_peak"):
+                assert row[figure] > 0, (framework, model, figure)
+            assert row["samples_per_epoch"] > 0
+            assert row["timed_epochs"] == 1
+    assert report["models"]["cnn"]["train_flops"] == bench_common.cnn_flops()[1]
+    assert "jaxnn fit" in proc.stdout and "jaxnn/x" in proc.stdout
