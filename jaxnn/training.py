@@ -16,6 +16,7 @@ exactly the parameters of an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -362,8 +363,14 @@ def evaluation_sums(model, loss, penalty, metric_fns, batch_size):
 
 
 def _evaluate_compiled(model, loss, penalty, metric_fns, batch_size):
-    jitted = jax.jit(evaluation_sums(model, loss, penalty, metric_fns, batch_size))
+    jitted = _evaluate_jitted(model, loss, penalty, tuple(metric_fns.items()), batch_size)
     return lambda *args: _logs_from_sums(jitted(*args), list(metric_fns))
+
+
+@functools.lru_cache(maxsize=32)
+def _evaluate_jitted(model, loss, penalty, metric_items, batch_size):
+    # Cached so that repeated evaluate() calls reuse one compiled program.
+    return jax.jit(evaluation_sums(model, loss, penalty, dict(metric_items), batch_size))
 
 
 def predict(
@@ -389,7 +396,9 @@ def predict(
     return _predict_compiled(model, batch_size, output)(params, state or {}, jnp.asarray(x))
 
 
+@functools.lru_cache(maxsize=32)
 def _predict_compiled(model, batch_size, output):
+    # Cached so that repeated predict() calls reuse one compiled program.
     @jax.jit
     def run(params, state, x):
         n = x.shape[0]

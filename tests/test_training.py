@@ -227,3 +227,23 @@ def test_early_stopping_stops_and_restores_best():
         fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
             optimizer=optax.sgd(0.1), key=jax.random.key(0), epochs=2, verbose=0,
             callbacks=[EarlyStopping("val_auc")])
+
+
+def test_predict_and_evaluate_compile_once():
+    traces = []
+
+    def traced_tanh(x):
+        traces.append(1)  # runs only while JAX traces
+        return jnp.tanh(x)
+
+    x, y = _data(n=30)
+    x = x.astype(np.float32)
+    model = jaxnn.Sequential([jaxnn.Dense(4), traced_tanh, jaxnn.Dense(3)])
+    params = model.init(jax.random.key(0), x)
+    for run in (predict, lambda m, p, x: evaluate(
+            m, p, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy)):
+        run(model, params, x)
+        after_first = len(traces)
+        run(model, params, x)
+        run(model, params, 2 * x)
+        assert len(traces) == after_first
