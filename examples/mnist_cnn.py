@@ -1,0 +1,269 @@
+"""The classic MNIST convnet, trained by jaxnn's fit.
+
+(28, 28, 1) -> Conv2D(32, 3x3, ReLU) -> MaxPool(2) -> Conv2D(64, 3x3, ReLU) -> MaxPool(2)
+-> Flatten -> Dropout(0.5) -> Dense(10), Adam 1e-3, batch 128, sparse categorical
+cross-entropy on logits (the softmax sits in the loss). With the defaults (seed 0),
+9 epochs reach 99.16% test accuracy (98.57% after 3), at about 45 s an epoch on
+2 CPU cores.
+
+Shapes through the network (valid convolutions, non-overlapping pools)::
+
+    (N, 28, 28, 1) -conv-> (N, 26, 26, 32) -pool-> (N, 13, 13, 32)
+                   -conv-> (N, 11, 11, 64) -pool-> (N, 5, 5, 64) -flatten-> (N, 1600)
+                   -dense-> (N, 10)
+
+How batches reach the model (``--feed``): on XLA:CPU a convolution step compiled
+inside a ``lax.scan`` (which is how ``fit`` runs in-memory arrays, whatever
+``steps_per_call``) ran 3-5x slower than the same step jitted alone, so by
+default the example hands ``fit`` an epoch -> batches function instead (numpy
+batches, one jitted step each). ``--feed device --steps-per-call K`` uses the
+in-memory path.
+
+    python examples/mnist_cnn.py                       # MNIST from the usual sources
+    python examples/mnist_cnn.py --data-dir DIR --json # a folder of the four IDX files
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import jaxnn
+
+# examples/ is not a package: import the sibling example's helpers from its folder.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mnist_mlp import DEFAULT_LR, OPTIMIZERS, load_data, save_plot  # noqa: E402
+
+DEFAULT_FEED = "host"
+DEFAULT_STEPS_PER_CALL = 1  # for --feed device
+
+
+def steps_per_call_arg(text: str) -> int | None:
+    """``--steps-per-call``: a positive int, or ``epoch`` (None: one call per epoch)."""
+    if text.lower() in ("epoch", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'epoch', got {text!r}")
+    return value
+
+
+def parse_args(argv=None, *, description=None, epochs=9, batch_size=128, feed=DEFAULT_FEED,
+               steps_per_call=DEFAULT_STEPS_PER_CALL):
+    """The command line shared by the CNN and RNN examples (defaults differ per example)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files "
+                        "(default: $JAXNN_DATA_DIR, the cache, a download, tensorflow-datasets)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: 1e-3 for Adam, 0.1 for SGD)")
+    parser.add_argument("--optax", action="store_true",
+                        help="use optax's optimizer instead of jaxnn's own")
+    parser.add_argument("--feed", choices=("host", "device"), default=feed,
+                        help="host: numpy batches, one jitted step each; device: the dataset "
+                        "on the device, --steps-per-call steps per compiled call "
+                        f"(default: {feed})")
+    parser.add_argument("--steps-per-call", type=steps_per_call_arg, default=steps_per_call,
+                        help="with --feed device: optimisation steps per compiled call, an "
+                        "int or 'epoch' (the whole epoch as one program; default: "
+                        f"{steps_per_call or 'epoch'})")
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
+                        help="train on the first N training examples only (quick runs, tests)")
+    parser.add_argument("--test-limit", type=int, default=None, metavar="N",
+                        help="evaluate on the first N test examples only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="FILE", help="save training curves as a PNG")
+    parser.add_argument("--checkpoint-dir", help="save a checkpoint every epoch here, and "
+                        "resume from the latest one found there")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with the results as the last line")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "train_limit", "test_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return args
+
+
+def load_images(data_dir, train_limit=None, test_limit=None):
+    """``(data, x_train, y_train, x_test, y_test)`` with images as (N, side, side).
+
+    MNIST (side 28), or the 8x8 digits when MNIST can't be had (see
+    ``mnist_mlp.load_data``); only the first ``train_limit`` / ``test_limit``
+    examples when given.
+    """
+    data = load_data(data_dir)  # flattened rows (N, side * side)
+
+    def square(x):
+        side = math.isqrt(x.shape[1])
+        return x.reshape(len(x), side, side)
+
+    return (data, square(data.x_train[:train_limit]), data.y_train[:train_limit],
+            square(data.x_test[:test_limit]), data.y_test[:test_limit])
+
+
+def build_model(image_side=28):
+    """The Keras-example convnet, for (N, side, side, 1) images.
+
+    Images smaller than 16 pixels (the 8x8 digits fallback) get "SAME" convolutions
+    so that two 3x3-conv / 2x2-pool blocks still fit.
+    """
+    padding = "VALID" if image_side >= 16 else "SAME"
+    return jaxnn.Sequential([
+        jaxnn.Conv2D(32, 3, padding=padding), jaxnn.relu, jaxnn.MaxPool(2),
+        jaxnn.Conv2D(64, 3, padding=padding), jaxnn.relu, jaxnn.MaxPool(2),
+        jaxnn.Flatten(),
+        jaxnn.Dropout(0.5),
+        jaxnn.Dense(10),
+    ])
+
+
+def host_batches(x, y, batch_size, seed):
+    """``epoch -> iterable of (x_batch, y_batch)``: a fresh shuffle of numpy arrays per epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from a
+    checkpoint sees the same batches as an uninterrupted one.
+    """
+
+    def batches(epoch):
+        order = np.random.default_rng([seed, epoch]).permutation(len(x))
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            yield x[idx], y[idx]
+
+    return batches
+
+
+@contextlib.contextmanager
+def compile_timer():
+    """Yield a list that collects the seconds JAX spends tracing, lowering and compiling
+    programs inside the ``with`` block (from ``jax.monitoring`` events)."""
+    seconds: list[float] = []
+
+    def listener(event, duration, **kwargs):
+        if event.startswith("/jax/core/compile/"):
+            seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def train(args, model, data, x_train, y_train, x_test, y_test):
+    """Fit, evaluate and summarise (shared with the RNN example); returns the summary dict."""
+    verbose = 0 if args.quiet else 1
+    if verbose:
+        print(f"dataset: {data.name} from {data.source} "
+              f"({len(x_train):,} train, {len(x_test):,} test)")
+
+    key = jax.random.key(args.seed)
+    init_key, train_key = jax.random.split(key)
+    params = model.init(init_key, x_train[:1])
+    if verbose:
+        print(model.summary(x_train[:args.batch_size]))
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    ours, theirs = OPTIMIZERS[args.optimizer]
+    optimizer = (theirs if args.optax else ours)(lr)
+    opt_state = None
+    initial_epoch = 0
+    callbacks = []
+    if args.checkpoint_dir:
+        callbacks.append(jaxnn.callbacks.ModelCheckpoint(args.checkpoint_dir))
+        ckpt = jaxnn.resume(args.checkpoint_dir, params=params,
+                            opt_state=optimizer.init(params))
+        if ckpt is not None:
+            params, opt_state, initial_epoch, train_key = (
+                ckpt.params, ckpt.opt_state, ckpt.epoch, ckpt.key)
+            if verbose:
+                print(f"resuming from {ckpt.path} (epoch {ckpt.epoch})")
+
+    if args.feed == "host":
+        inputs, targets = host_batches(x_train, y_train, args.batch_size, args.seed), None
+    else:
+        inputs, targets = x_train, y_train
+    start = time.perf_counter()
+    with compile_timer() as compiling:
+        result = jaxnn.fit(
+            model, params, inputs, targets,
+            loss=jaxnn.losses.sparse_softmax_cross_entropy,
+            optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
+            opt_state=opt_state, initial_epoch=initial_epoch,
+            metrics=["accuracy"], validation_data=(x_test, y_test), callbacks=callbacks,
+            steps_per_call=args.steps_per_call, verbose=verbose,
+        )
+    wall = time.perf_counter() - start
+    train_seconds = float(sum(result.history.get("seconds", [])))
+    compile_seconds = result.compile_seconds
+    if args.feed == "host":
+        # fit compiles this path's step on first use, inside epoch 1's time: count all
+        # compilation during fit instead, and take it out of the training time.
+        compile_seconds = float(sum(compiling))
+        train_seconds = max(train_seconds - compile_seconds, 0.0)
+
+    test = jaxnn.evaluate(model, result.params, x_test, y_test,
+                          loss=jaxnn.losses.sparse_softmax_cross_entropy)
+    predicted = np.asarray(jaxnn.predict(model, result.params, x_test, output="classes"))
+    if verbose:
+        print(f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
+              f"({train_seconds:.1f} s training, {compile_seconds:.1f} s compiling)")
+        print("first predictions:", predicted[:10].tolist(), "labels:", y_test[:10].tolist())
+    if args.plot:
+        save_plot(result.history, args.plot)
+        if verbose:
+            print(f"training curves saved to {args.plot}")
+
+    summary = {
+        "dataset": data.name,
+        "source": data.source,
+        "train_examples": len(x_train),
+        "test_examples": len(x_test),
+        "epochs": result.epoch,
+        "batch_size": args.batch_size,
+        "optimizer": f"{'optax' if args.optax else 'jaxnn'}.{args.optimizer}",
+        "learning_rate": lr,
+        "feed": args.feed,
+        "steps_per_call": args.steps_per_call if args.feed == "device" else 1,
+        "seed": args.seed,
+        "params": jaxnn.count_params(result.params),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "train_seconds": train_seconds,
+        "compile_seconds": compile_seconds,
+        "wall_seconds": wall,
+        "history": result.history,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data, x_train, y_train, x_test, y_test = load_images(
+        args.data_dir, args.train_limit, args.test_limit)
+    # Conv2D takes channels-last images: add the single grey channel.
+    x_train, x_test = x_train[..., None], x_test[..., None]
+    return train(args, build_model(x_train.shape[1]), data, x_train, y_train, x_test, y_test)
+
+
+if __name__ == "__main__":
+    main()
