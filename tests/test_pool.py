@@ -251,3 +251,27 @@ def test_pool_invalid_arguments(make, kwargs, message):
     window = kwargs.pop("window")
     with pytest.raises(ValueError, match=message):
         make(window, **kwargs)
+
+
+def test_tiled_max_pool_matches_window_reduction_on_ragged_sizes(x64):
+    # stride == window without padding takes the reshape path; compare it with
+    # lax.reduce_window (the general path) and with numpy, on sizes that leave rows over.
+    from jax import lax
+
+    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 3))
+    layer = jaxnn.MaxPool((2, 3))
+    y = layer.apply({}, x)
+    general = lax.reduce_window(x, -np.inf, lax.max, (1, 2, 3, 1), (1, 2, 3, 1), "VALID")
+    np.testing.assert_array_equal(y, general)
+    xs = np.asarray(x)
+    expected = xs[:, :6, :9].reshape(2, 3, 2, 3, 3, 3).max(axis=(2, 4))
+    np.testing.assert_array_equal(y, expected)
+    # Without ties the gradient goes to the arg-max of each window, as reduce_window's does.
+    g = jax.grad(lambda x: jnp.sum(layer.apply({}, x) ** 2))(x)
+    g_general = jax.grad(lambda x: jnp.sum(lax.reduce_window(
+        x, -np.inf, lax.max, (1, 2, 3, 1), (1, 2, 3, 1), "VALID") ** 2))(x)
+    np.testing.assert_allclose(g, g_general, rtol=1e-12)
+    # Tied maxima share the window's gradient equally.
+    tied = jnp.zeros((1, 2, 2, 1))
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jaxnn.MaxPool(2).apply({}, x)))(tied),
+                               np.full((1, 2, 2, 1), 0.25))

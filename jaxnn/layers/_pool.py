@@ -36,6 +36,24 @@ from jaxnn.layers._conv import (
 )
 
 
+def _tiled_max(x, window):
+    """Max over non-overlapping windows by a reshape: ``(N, *S, C) -> (N, *S//w, C)``.
+
+    The same values as ``reduce_window`` (trailing rows that fill no window are
+    dropped, as VALID padding does), and on XLA:CPU a backward pass several times
+    faster. Where a window holds tied maxima they share its gradient equally
+    (``reduce_window`` gives all of it to one).
+    """
+    spatial = x.shape[1:-1]
+    out = tuple(size // k for size, k in zip(spatial, window))
+    x = x[(slice(None), *(slice(0, o * k) for o, k in zip(out, window)), slice(None))]
+    split = [x.shape[0]]
+    for o, k in zip(out, window):
+        split += [o, k]
+    x = x.reshape(*split, x.shape[-1])
+    return jnp.max(x, axis=tuple(2 + 2 * i for i in range(len(window))))
+
+
 def _pool(
     kind: str,
     stem: str,
@@ -59,6 +77,7 @@ def _pool(
                 )
     dims = (1, *window, 1)
     steps = (1, *strides, 1)
+    tiled = tuple(strides) == tuple(window)  # windows that neither overlap nor skip
     window_desc = f"pooling window {window[0] if ndim == 1 else window}"
     input_layout = layout(ndim)
 
@@ -80,6 +99,8 @@ def _pool(
         # The initial values must be concrete (numpy) constants: lax then uses its
         # differentiable max/sum window reductions.
         if reduction == "max":
+            if tiled and all(p == (0, 0) for p in pads):
+                return _tiled_max(x, window), state
             y = lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, dims, steps, pads)
             return y, state
         zero = np.array(0, x.dtype)
@@ -113,6 +134,10 @@ def MaxPool(
 
     On each axis ``out = floor((size + pad_lo + pad_hi - window) / stride) + 1``,
     or ``ceil(size / stride)`` with ``padding="SAME"``.
+
+    Gradient: it flows to the maximum of each window. With non-overlapping,
+    unpadded windows (the default) it is computed by a reshape, which is much
+    faster on CPU, and tied maxima share a window's gradient equally.
 
     Args:
       window: ``(wh, ww)``, an int for both or a pair.
