@@ -250,9 +250,14 @@ class _Trainer:
             self._plan_compiled = self.plan.lower(key).compile()
             self.compile_seconds += time.perf_counter() - start
         plan = self._plan_compiled(key)
+        starts = range(0, self.steps, self.chunk)
+        lengths = [min(self.chunk, self.steps - start) for start in starts]
+        # Compile every program this epoch needs before running any, so compile time
+        # does not overlap (asynchronously dispatched) training and can be told apart.
+        for length in sorted(set(lengths)):
+            self._program(length, carry, data, *plan, jnp.int32(0))
         totals = None
-        for start in range(0, self.steps, self.chunk):
-            length = min(self.chunk, self.steps - start)
+        for start, length in zip(starts, lengths):
             args = (carry, data, *plan, jnp.int32(start))
             carry, sums = self._program(length, *args)(*args)
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
