@@ -43,7 +43,7 @@ import jaxnn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mnist_mlp import DEFAULT_LR, OPTIMIZERS, load_data, save_plot  # noqa: E402
+from mnist_mlp import DEFAULT_LR, OPTIMIZERS, checkpointing, load_data, save_plot  # noqa: E402
 
 DEFAULT_FEED = "device"
 DEFAULT_STEPS_PER_CALL = 4  # for --feed device (measured fastest, see above)
@@ -184,18 +184,8 @@ def train(args, model, data, x_train, y_train, x_test, y_test):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     ours, theirs = OPTIMIZERS[args.optimizer]
     optimizer = (theirs if args.optax else ours)(lr)
-    opt_state = None
-    initial_epoch = 0
-    callbacks = []
-    if args.checkpoint_dir:
-        callbacks.append(jaxnn.callbacks.ModelCheckpoint(args.checkpoint_dir))
-        ckpt = jaxnn.resume(args.checkpoint_dir, params=params,
-                            opt_state=optimizer.init(params))
-        if ckpt is not None:
-            params, opt_state, initial_epoch, train_key = (
-                ckpt.params, ckpt.opt_state, ckpt.epoch, ckpt.key)
-            if verbose:
-                print(f"resuming from {ckpt.path} (epoch {ckpt.epoch})")
+    params, opt_state, initial_epoch, train_key, callbacks = checkpointing(
+        args.checkpoint_dir, params, optimizer, train_key, verbose)
 
     if args.feed == "host":
         inputs, targets = host_batches(x_train, y_train, args.batch_size, args.seed), None

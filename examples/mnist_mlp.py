@@ -111,6 +111,23 @@ def save_plot(history, path):
     plt.close(fig)
 
 
+def checkpointing(directory, params, optimizer, key, verbose):
+    """Checkpoint every epoch into ``directory`` and resume from the latest one there.
+
+    Returns ``(params, opt_state, initial_epoch, key, callbacks)`` for ``jaxnn.fit``:
+    the checkpoint's values when one exists, else the fresh ones (``opt_state=None``).
+    """
+    if not directory:
+        return params, None, 0, key, []
+    callbacks = [jaxnn.callbacks.ModelCheckpoint(directory)]
+    ckpt = jaxnn.resume(directory, params=params, opt_state=optimizer.init(params))
+    if ckpt is None:
+        return params, None, 0, key, callbacks
+    if verbose:
+        print(f"resuming from {ckpt.path} (epoch {ckpt.epoch})")
+    return ckpt.params, ckpt.opt_state, ckpt.epoch, ckpt.key, callbacks
+
+
 def main(argv=None):
     args = parse_args(argv)
     data = load_data(args.data_dir)
@@ -135,18 +152,8 @@ def main(argv=None):
     if args.grad == "manual":  # the same loss + L2, differentiated by hand
         value_and_grad = MANUAL_MODEL.value_and_grad("softmax_cross_entropy", l2=args.l2)
         penalty = None
-    opt_state = None
-    initial_epoch = 0
-    callbacks = []
-    if args.checkpoint_dir:
-        callbacks.append(jaxnn.callbacks.ModelCheckpoint(args.checkpoint_dir))
-        ckpt = jaxnn.resume(args.checkpoint_dir, params=params,
-                            opt_state=optimizer.init(params))
-        if ckpt is not None:
-            params, opt_state, initial_epoch, train_key = (
-                ckpt.params, ckpt.opt_state, ckpt.epoch, ckpt.key)
-            if verbose:
-                print(f"resuming from {ckpt.path} (epoch {ckpt.epoch})")
+    params, opt_state, initial_epoch, train_key, callbacks = checkpointing(
+        args.checkpoint_dir, params, optimizer, train_key, verbose)
 
     start = time.perf_counter()
     result = jaxnn.fit(
