@@ -14,7 +14,7 @@ row-LSTM(128) at batch 128; Adam 1e-3, softmax cross-entropy on integer labels):
   compile); an epoch is everything the framework does in it (shuffle, batching,
   steps, the final wait);
 * inference samples/s over ``--infer-samples`` test images (default 10,000) in
-  batches of ``--infer-batch`` (default 1,000), the median of 3 passes after one
+  batches of ``--infer-batch`` (default 10,000: one batch), the median of 3 passes after one
   untimed pass;
 * start-up seconds: the training call's wall time minus the epochs at the
   steady rate, i.e. compile, tracing and setup (jaxnn's own
@@ -180,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"training samples per epoch (default {DEFAULT_SAMPLES}); "
                    "entries N, MODEL=N or FRAMEWORK:MODEL=N")
     p.add_argument("--infer-samples", type=int, default=10_000)
-    p.add_argument("--infer-batch", type=int, default=1_000)
+    p.add_argument("--infer-batch", type=int, default=10_000)
     p.add_argument("--infer-repeats", type=int, default=3)
     p.add_argument("--data-dir", help="folder with the four MNIST IDX files "
                    f"(default {DEFAULT_DATA_DIR} when present)")

@@ -420,6 +420,8 @@ def _predict_compiled(model, batch_size, output):
                 y = jnp.argmax(y, axis=-1)
             return y
 
+        if steps == 1:  # one batch: no loop around it (a loop costs time on CPU)
+            return apply_batch(xp[0])[:n]
         ys = jax.lax.map(apply_batch, xp)
         return ys.reshape(steps * batch_size, *ys.shape[2:])[:n]
 

@@ -110,7 +110,8 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     result = _fit(model, params, x, y, spec, plan.epochs, steps_per_call, fit_key)
     wall = time.perf_counter() - start
 
-    x_test = model_inputs(spec.kind, data.x_test[:plan.infer_samples])
+    # On the device once, as the plain-JAX peer does (PyTorch's tensors are in memory too).
+    x_test = jax.device_put(model_inputs(spec.kind, data.x_test[:plan.infer_samples]))
 
     def infer():
         jax.block_until_ready(jaxnn.predict(model, result.params, x_test,
