@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnn import _sharding
 from jaxnn._typing import Array, Params, PRNGKey, State
 from jaxnn.callbacks import Callback, EpochEnd
 from jaxnn.layers._base import Layer
@@ -119,6 +120,31 @@ def _slice(tree, start, stop):
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
 
+def _cast_floating(tree, dtype):
+    """``tree`` with its floating leaves cast to ``dtype`` (integer leaves, keys kept)."""
+
+    def cast(a):
+        a_dtype = getattr(a, "dtype", None)
+        floating = a_dtype is not None and jnp.issubdtype(a_dtype, jnp.floating)
+        return a.astype(dtype) if floating else a
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def _check_compute_dtype(compute_dtype) -> jnp.dtype | None:
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        raise TypeError(f"compute_dtype must be a floating dtype such as jnp.bfloat16 or "
+                        f"None, got {compute_dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype such as jnp.bfloat16 or "
+                         f"None, got {dtype.name}")
+    return dtype
+
+
 # --------------------------------------------------------------------------
 # The compiled step and epoch
 # --------------------------------------------------------------------------
@@ -126,17 +152,33 @@ def _slice(tree, start, stop):
 
 def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformation,
                penalty: Callable[[Params], Array] | None, metric_fns: dict[str, MetricFn],
-               value_and_grad: ValueAndGradFn | None = None):
+               value_and_grad: ValueAndGradFn | None = None,
+               compute_dtype: jnp.dtype | None = None):
     """``step(carry, batch) -> (carry, sums)`` for one optimisation step.
 
     ``carry = (params, state, opt_state)``; ``batch = (x, y, weights, key)``;
     ``sums`` holds the weight total and the weighted sums of loss and metrics.
     The gradient is ``jax.value_and_grad`` of the model's loss, or, when
     ``value_and_grad`` is given, what that function returns (the state is kept).
+
+    With ``compute_dtype`` (mixed precision), the forward pass runs on the
+    floating params and inputs cast to it and its floating outputs are cast to
+    float32 before the loss; the casts sit inside the differentiated function,
+    so the gradients arrive in the params' own dtype (the master weights), and
+    the new state is cast back to the old state's dtypes.
     """
 
     def objective(params, state, x, y, weights, key):
-        predictions, new_state = model.apply_with_state(params, state, x, key=key, train=True)
+        if compute_dtype is None:
+            predictions, new_state = model.apply_with_state(params, state, x, key=key,
+                                                            train=True)
+        else:
+            predictions, new_state = model.apply_with_state(
+                _cast_floating(params, compute_dtype), state, _cast_floating(x, compute_dtype),
+                key=key, train=True)
+            predictions = _cast_floating(predictions, jnp.float32)
+            new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype),
+                                               new_state, state)
         value = _weighted(loss, predictions, y, weights)
         if penalty is not None:
             value = value + penalty(params)
@@ -212,12 +254,19 @@ class _Trainer:
     """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
-                 shuffle, steps_per_call, value_and_grad=None):
+                 shuffle, steps_per_call, value_and_grad=None, data_parallel=None,
+                 compute_dtype=None):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
         self.chunk = self.steps if steps_per_call is None else min(steps_per_call, self.steps)
-        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad)
+        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
+                          compute_dtype)
+        # Over several devices (jaxnn._sharding): the same step, with each batch split
+        # over them and the carry replicated; None keeps the single-device program as is.
+        self.data_parallel = data_parallel
+        if data_parallel is not None:
+            step = data_parallel.step(step)
         self.shuffle = shuffle
 
         def run_steps(carry, data, idx, weights, keys, start, length):
@@ -231,7 +280,9 @@ class _Trainer:
         self._compiled: dict[int, Any] = {}
         self.compile_seconds = 0.0
 
-        self.plan = jax.jit(lambda key: epoch_plan(key, n, batch_size, shuffle))
+        self.plan = jax.jit(lambda key: epoch_plan(key, n, batch_size, shuffle),
+                            **({} if data_parallel is None else
+                               {"out_shardings": data_parallel.replicated}))
         self._plan_compiled = None
 
     def _program(self, length, *args):
@@ -245,6 +296,8 @@ class _Trainer:
         return program
 
     def epoch(self, carry, data, key):
+        if self.data_parallel is not None:  # replicate (once: then a no-op)
+            carry = self.data_parallel.put(carry)
         if self._plan_compiled is None:
             start = time.perf_counter()
             self._plan_compiled = self.plan.lower(key).compile()
@@ -271,8 +324,10 @@ class _StreamTrainer:
     a ragged last batch does not cause a recompilation.
     """
 
-    def __init__(self, model, loss, optimizer, penalty, metric_fns, value_and_grad=None):
-        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad)
+    def __init__(self, model, loss, optimizer, penalty, metric_fns, value_and_grad=None,
+                 compute_dtype=None):
+        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
+                          compute_dtype)
         self.step = jax.jit(step, donate_argnums=(0,))
         self.batch_size: int | None = None
         self.compile_seconds = 0.0  # not separated from the first step on this path
@@ -460,6 +515,8 @@ def fit(
     steps_per_call: int | None = None,
     verbose: int = 1,
     value_and_grad: ValueAndGradFn | None = None,
+    compute_dtype: jnp.dtype | None = None,
+    devices: int | Sequence[jax.Device] | None = None,
 ) -> FitResult:
     """Train ``model`` on in-memory arrays ``(x, y)``.
 
@@ -503,6 +560,29 @@ def fit(
         ``jaxnn.manual.MLP(...).value_and_grad(...)``. ``predictions`` feed the
         metrics. The model is still used for validation; it gets no dropout key
         and its state is left unchanged.
+      compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: each step runs the
+        forward and backward pass with the floating params and inputs cast to
+        this dtype and the floating outputs cast to float32 before the loss, so
+        the gradients, the optimizer and the params (the master weights) stay in
+        the params' dtype; the state (BatchNorm statistics) keeps its dtype.
+        Integer inputs (token ids) are not cast. Validation runs in the params'
+        dtype. None (default): everything in the params' dtype. Not with a
+        custom ``value_and_grad`` (which computes its own gradient).
+      devices: data-parallel training. None (default) or ``1``: one device, the
+        default one. An integer ``N``: the first ``N`` of ``jax.devices()``; a
+        sequence: those devices. Over several devices the params, state and
+        optimizer state are replicated on each, every batch is split along its
+        examples in equal parts (``batch_size`` must be divisible by the device
+        count), and XLA sums the gradient over the devices (``jax.sharding``:
+        a 1-D mesh with the axis ``"data"``); the result is the single-device
+        result up to the order of float additions, and the returned params are
+        replicated on those devices (``jax.device_put(result.params,
+        jax.devices()[0])`` gives one copy, e.g. so that ``predict`` does not
+        run on every device). The whole dataset is copied to every
+        device (memory: one copy per device). Validation runs on the first
+        device alone. Needs in-memory arrays (not an iterable of batches). For
+        N CPU devices set ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+        before jax is imported.
 
     Returns:
       A :class:`FitResult` with the trained params, state, optimizer state and
@@ -522,6 +602,10 @@ def fit(
     if value_and_grad is not None and not callable(value_and_grad):
         raise TypeError(f"value_and_grad must be a function (params, x, y, weights) -> "
                         f"(loss, grads, predictions), got {value_and_grad!r}")
+    compute_dtype = _check_compute_dtype(compute_dtype)
+    if compute_dtype is not None and value_and_grad is not None:
+        raise ValueError("compute_dtype does not apply to a custom value_and_grad (it computes "
+                         "its own gradient); cast inside value_and_grad instead")
     if not isinstance(optimizer, optax.GradientTransformation) and not (
         hasattr(optimizer, "init") and hasattr(optimizer, "update")
     ):
@@ -551,12 +635,23 @@ def fit(
     state = {} if state is None else state
     opt_state = optimizer.init(params) if opt_state is None else opt_state
 
+    parallel = None if devices is None else _sharding.data_parallel(devices)
     if streaming:
-        trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns, value_and_grad)
+        if parallel is not None:
+            raise ValueError("devices: data-parallel training needs in-memory arrays (x, y); "
+                             "batches given as an iterable (y=None) run on one device, so "
+                             "pass devices=None there")
+        trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns, value_and_grad,
+                                 compute_dtype=compute_dtype)
     else:
-        data = jax.tree_util.tree_map(jnp.asarray, (x, y))
+        if parallel is None:
+            data = jax.tree_util.tree_map(jnp.asarray, (x, y))
+        else:
+            _sharding.check_batch_size(batch_size, parallel.size, n)
+            data = parallel.put((x, y))  # a full copy of the dataset on every device
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
-                           shuffle, steps_per_call, value_and_grad)
+                           shuffle, steps_per_call, value_and_grad, data_parallel=parallel,
+                           compute_dtype=compute_dtype)
     validate = None
     if validation_data is not None:
         x_val, y_val = validation_data
@@ -564,6 +659,8 @@ def fit(
         val_data = jax.tree_util.tree_map(jnp.asarray, (x_val, y_val))
         validate = _evaluate_compiled(model, loss, penalty, metric_fns,
                                       min(max(batch_size, 1000), n_val))
+        if parallel is not None:  # validation runs on one device, with its copy of params
+            validate = parallel.on_first_device(validate)
 
     history: dict[str, list[float]] = {}
     # The compiled epoch donates (reuses) the buffers of its carry; copy once so the

@@ -12,6 +12,16 @@ The per-model table, from the measurements in ``shared/PERF-LEADS.md`` on the
 * CNN: one step per call (``1``): convolutions inside a rolled scan ran about 16x
   slower on XLA:CPU.
 * LSTM: the whole epoch (``None``): 2.4k vs 1.4k samples/s for the per-step loop.
+
+With more than one JAX device (``throughput.py --devices N`` forces N CPU devices
+before JAX is imported) ``fit`` trains data-parallel over all of them
+(``devices=jax.device_count()``): each batch (32 or 128) is split in equal parts,
+so N must divide it (1, 2, 4, 8, 16 and 32 do). Forced CPU devices share the
+machine's cores. Inference stays on one device.
+
+With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) training runs
+``fit(..., compute_dtype=jnp.bfloat16)`` (mixed precision, float32 master
+weights) and inference ``predict`` on params and inputs cast to bfloat16.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 from bench_common import (
     LEARNING_RATE,
     Data,
@@ -65,21 +76,28 @@ def build(kind: str):
     raise ValueError(kind)
 
 
-def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key):
+def _devices() -> int | None:
+    """``fit``'s ``devices``: every JAX device when there are several, else None."""
+    return jax.device_count() if jax.device_count() > 1 else None
+
+
+def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key,
+         compute_dtype=None):
     import jaxnn
 
     return jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
                      optimizer=jaxnn.optimizers.adam(LEARNING_RATE), key=key, epochs=epochs,
                      batch_size=spec.batch, metrics=(), steps_per_call=steps_per_call,
-                     verbose=0)
+                     verbose=0, compute_dtype=compute_dtype, devices=_devices())
 
 
-def tune(model, params, x, y, spec: ModelSpec, key) -> tuple[int | None, dict[str, float]]:
+def tune(model, params, x, y, spec: ModelSpec, key,
+         compute_dtype=None) -> tuple[int | None, dict[str, float]]:
     """The fastest ``steps_per_call`` on a :data:`TUNE_STEPS`-step epoch (second epoch timed)."""
     n = min(len(x), TUNE_STEPS * spec.batch)
     timings = {}
     for k in TUNE_CANDIDATES:
-        result = _fit(model, params, x[:n], y[:n], spec, 2, k, key)
+        result = _fit(model, params, x[:n], y[:n], spec, 2, k, key, compute_dtype)
         timings[str(k)] = result.history["seconds"][-1]
     best = min(timings, key=timings.get)
     return (None if best == "None" else int(best)), timings
@@ -94,27 +112,42 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     init_key, fit_key = jax.random.split(jax.random.key(plan.seed))
     params = model.init(init_key, x[:1])
     notes = []
+    dtype_name = plan.options.get("dtype", "float32")
+    compute_dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
+    if compute_dtype is not None:
+        notes.append(f"mixed precision: fit(compute_dtype={dtype_name}), float32 params")
 
     choice = plan.options.get("steps_per_call", "table")
     if choice == "table":
         steps_per_call = STEPS_PER_CALL[spec.kind]
     elif choice == "tune":
-        steps_per_call, timings = tune(model, params, x, y, spec, fit_key)
+        steps_per_call, timings = tune(model, params, x, y, spec, fit_key, compute_dtype)
         notes.append(f"tuned steps_per_call on {TUNE_STEPS}-step epochs: "
                      + ", ".join(f"{k}: {v:.3f}s" for k, v in timings.items()))
     else:
         steps_per_call = None if choice in (None, "epoch", "None") else int(choice)
     notes.append(f"steps_per_call={steps_per_call} ({choice})")
+    if _devices() is not None:
+        notes.append(f"data-parallel over {_devices()} devices (fit(devices={_devices()})): "
+                     f"{spec.batch // _devices()} examples of each batch of {spec.batch} per "
+                     "device; inference on one device")
 
     start = time.perf_counter()
-    result = _fit(model, params, x, y, spec, plan.epochs, steps_per_call, fit_key)
+    result = _fit(model, params, x, y, spec, plan.epochs, steps_per_call, fit_key,
+                  compute_dtype)
     wall = time.perf_counter() - start
 
     # On the device once, as the plain-JAX peer does (PyTorch's tensors are in memory too).
     x_test = jax.device_put(model_inputs(spec.kind, data.x_test[:plan.infer_samples]))
+    trained = result.params
+    if _devices() is not None:  # replicated by fit; predict on one device, as the peers
+        trained = jax.device_put(trained, jax.devices()[0])
+    if compute_dtype is not None:  # inference wholly in the compute dtype, as the JAX peers
+        x_test = x_test.astype(compute_dtype)
+        trained = jax.tree_util.tree_map(lambda a: a.astype(compute_dtype), trained)
 
     def infer():
-        jax.block_until_ready(jaxnn.predict(model, result.params, x_test,
+        jax.block_until_ready(jaxnn.predict(model, trained, x_test,
                                             batch_size=plan.infer_batch))
 
     first, seconds = time_passes(infer, plan.infer_repeats)

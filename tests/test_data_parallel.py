@@ -1,0 +1,118 @@
+"""fit(devices=...): data-parallel training against single-device fit.
+
+This process has one CPU device (XLA_FLAGS must be set before jax is imported),
+so the multi-device runs happen in one subprocess with 4 forced CPU devices
+(tests/data_parallel_worker.py), which prints its findings as JSON. The input
+checks that need no second device run here.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnn
+from jaxnn._sharding import data_parallel
+from jaxnn.training import fit
+
+WORKER = pathlib.Path(__file__).with_name("data_parallel_worker.py")
+
+
+def test_fit_over_4_cpu_devices_equals_single_device_fit():
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=4"])
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=WORKER.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    # Inside the step, one device holds batch / devices rows (8 on one device).
+    assert report["reference_batch_rows"][0] == 8
+    expected_rows = {"devices=4": 2, "devices=2,steps_per_call=2": 4, "devices=[3,1]": 4}
+    expected_devices = {"devices=4": [[0, 1, 2, 3]], "devices=2,steps_per_call=2": [[0, 1]],
+                        "devices=[3,1]": [[1, 3]]}
+    for name, rows in expected_rows.items():
+        run = report[name]
+        # float64: the same training up to the order of float additions
+        assert run["max_param_diff"] < 1e-10, (name, run)
+        assert run["max_history_diff"] < 1e-10, (name, run)
+        assert run["history_keys"] == ["accuracy", "loss", "seconds", "val_accuracy",
+                                       "val_loss"]
+        assert run["dtypes"] == ["float64"]
+        # params, state and optimizer state replicated on exactly the devices asked for
+        assert run["device_sets"] == expected_devices[name], (name, run)
+        assert run["fully_replicated"], (name, run)
+        # the training batch split over the devices; validation (20 rows) on one device
+        assert run["batch_rows"][0] == rows, (name, run)
+        assert all(r in (rows, 20) for r in run["batch_rows"]), (name, run)
+    assert report["inputs_alive"]
+
+    errors = report["errors"]
+    assert "batch_size=6" in errors["batch_size=6"] and "4 devices" in errors["batch_size=6"]
+    assert "batch_size=42" in errors["batch_size=64"]
+    assert "capped" in errors["batch_size=64"]
+    assert "devices" in errors["streaming"] and "iterable" in errors["streaming"]
+
+
+@functools.cache
+def _problem(n=24):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    model = jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dense(3)])
+    return model, model.init(jax.random.key(0), x), x, y
+
+
+def _fit(devices, **kwargs):
+    model, params, x, y = _problem()
+    return fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
+               optimizer=optax.sgd(0.1), key=jax.random.key(1), batch_size=8, verbose=0,
+               devices=devices, **kwargs)
+
+
+def test_more_devices_than_available_says_how_to_force_cpu_devices():
+    wanted = jax.device_count() + 1
+    with pytest.raises(ValueError, match=f"devices={wanted}") as info:
+        _fit(wanted)
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=N" in str(info.value)
+    assert f"only {jax.device_count()} device" in str(info.value)
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    (0, ValueError, "positive integer"),
+    (-2, ValueError, "positive integer"),
+    (True, TypeError, "devices must be"),
+    (1.5, TypeError, "devices must be"),
+    ("cpu", TypeError, "devices must be"),
+    ([], ValueError, "empty sequence"),
+    ([0, 1], TypeError, r"devices\[0\] must be a jax.Device"),
+])
+def test_devices_argument_is_checked(devices, error, match):
+    with pytest.raises(error, match=match):
+        _fit(devices)
+
+
+def test_device_listed_twice_is_an_error():
+    device = jax.devices()[0]
+    with pytest.raises(ValueError, match="more than once"):
+        data_parallel([device, device])
+
+
+def test_one_device_takes_the_plain_single_device_path():
+    assert data_parallel(None) is None
+    assert data_parallel(1) is None
+    assert data_parallel(np.int64(1)) is None
+    assert data_parallel([jax.devices()[0]]) is None
+    assert data_parallel((jax.devices()[0],)) is None
+
