@@ -126,6 +126,7 @@ class Framework(NamedTuple):
 FRAMEWORKS: dict[str, Framework] = {
     "jaxnn": Framework("peers.jaxnn_fit", "jaxnn fit", {}, True, True),
     "jax": Framework("peers.jax_optax", "JAX+optax loop", {}, True, True),
+    "jax-scan": Framework("peers.jax_scan", "JAX fused scan", {}, True, True),
     "torch": Framework("peers.torch_eager", "PyTorch eager", {}, False, False),
     "keras-tf": Framework("peers.keras_fit", "Keras 3 / TF", {"KERAS_BACKEND": "tensorflow"},
                           False, False),
@@ -134,6 +135,11 @@ FRAMEWORKS: dict[str, Framework] = {
     "flax": Framework("peers.flax_nnx", "Flax NNX", {}, True, False),
     "equinox": Framework("peers.equinox_optax", "Equinox+optax", {}, True, False),
 }
+
+# The compute dtypes of ``--dtype``, and the frameworks that honour bfloat16 (mixed
+# precision: float32 master weights, the forward and backward pass in bfloat16).
+DTYPES = ("float32", "bfloat16")
+MIXED_PRECISION_FRAMEWORKS = ("jaxnn", "jax", "jax-scan")
 
 
 # --------------------------------------------------------------------------
@@ -208,6 +214,7 @@ class Plan:
     infer_batch: int
     infer_repeats: int  # timed inference passes, after one untimed
     seed: int = 0
+    # e.g. {"steps_per_call": "table", "dtype": "float32"} (dtype: one of DTYPES)
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -29,10 +29,15 @@ The frameworks (``--frameworks``, default all), each in its own process
 
 * ``jaxnn``: ``jaxnn.fit`` (``steps_per_call`` per model, see ``peers/jaxnn_fit.py``);
 * ``jax``: plain JAX + optax as tutorials write it (a jitted step in a Python loop);
+* ``jax-scan``: the same plain JAX models with the whole epoch hand-fused into one
+  jitted ``lax.scan`` (the CNN: 4 straight-line steps per jitted call), the
+  yardstick for jaxnn's own overhead: under each table, "jaxnn per-epoch
+  overhead over the hand-fused scan" is ``(jax-scan samples/s / jaxnn
+  samples/s - 1) * 100`` percent (negative: jaxnn faster);
 * peers, where importable: ``torch`` (PyTorch eager), ``keras-tf`` and ``keras-jax``
   (Keras 3 ``model.fit`` on TensorFlow and on JAX), ``flax`` (Flax NNX, ``nnx.jit``),
   ``equinox`` (Equinox + optax, ``eqx.filter_jit``). A framework that cannot be
-  imported is skipped with the reason. jaxnn and plain JAX run with this
+  imported is skipped with the reason. jaxnn and the plain-JAX columns run with this
   interpreter; the peers with ``--peer-python`` (default: ``.venv-bench/bin/python``
   of the repository when it exists, then this interpreter).
 
@@ -54,10 +59,21 @@ Data: the real MNIST from ``--data-dir`` (default ``../shared/data/mnist`` besid
 the repository when present), else random data of the same shapes
 (``--random-data`` forces it); throughput does not depend on the values.
 
+``--dtype bfloat16`` trains in mixed precision (the params and Adam's state stay
+float32; the forward and backward pass run on params and inputs cast to
+bfloat16, the logits cast back to float32 for the loss) and infers wholly in
+bfloat16; it is meant for GPUs, whose matrix units run bfloat16 much faster.
+jaxnn (``fit(compute_dtype=jnp.bfloat16)``), ``jax`` and ``jax-scan`` honour
+it; every other framework is skipped with the reason. The %peak column stays
+relative to the float32 matmul rate.
+
 ``--devices N`` forces N CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count``,
-set before JAX is imported, for the JAX-based frameworks) and records the count;
-data-parallel training in jaxnn is not built yet, so every framework still runs
-on one device.
+set before JAX is imported, for the JAX-based frameworks) and records the count.
+jaxnn then trains data-parallel over all N (``fit(devices=N)``: each batch split
+in N equal parts, so N must divide the batch of 32 or 128; inference stays on one
+device); the other frameworks still run on one device. The forced devices share
+the machine's cores, so this measures the overhead and the gain of splitting a
+step, not more hardware.
 
 Output: a table per model with samples/s, GFLOP/s, % of the matmul rate and the
 ratio jaxnn/framework (above 1: jaxnn is faster); the load average before and
@@ -84,7 +100,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bench_common import (  # noqa: E402
+    DTYPES,
     FRAMEWORKS,
+    MIXED_PRECISION_FRAMEWORKS,
     MODELS,
     Data,
     Plan,
@@ -99,8 +117,8 @@ DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 DEFAULT_SAMPLES = "60000,cnn=12800,lstm=12800"
 QUICK_SAMPLES = "256,cnn=128,lstm=128"
 MNIST_TRAIN = 60_000
-DEVICES_NOTE = ("data-parallel jaxnn is not built yet: every framework ran on a single "
-                "device; the forced device count is only recorded")
+DEVICES_NOTE = ("jaxnn trains data-parallel over all of them (fit(devices=N)); the other "
+                "frameworks run their usual single-device code")
 
 
 # --------------------------------------------------------------------------
@@ -187,8 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-data", action="store_true",
                    help="use random data of MNIST's shapes even when MNIST is there")
     p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="force N CPU devices for the JAX-based frameworks (recorded only; "
-                   "everything runs single-device for now)")
+                   help="force N CPU devices for the JAX-based frameworks; jaxnn trains "
+                   "data-parallel over them (fit(devices=N); N must divide the batch), "
+                   "the others stay on one device")
     p.add_argument("--jaxnn-steps-per-call", type=parse_steps_per_call, default={None: "table"},
                    help="table (per-model setting in peers/jaxnn_fit.py, the default), tune "
                    "(time the candidates first), epoch, or K; MODEL=... entries per model")
@@ -203,6 +222,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: the core count). On a busy machine "
                    "OpenMP's threads wait on each other and 1 thread can be far faster")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype (default float32); bfloat16: mixed precision with "
+                   f"float32 params, for {', '.join(MIXED_PRECISION_FRAMEWORKS)} only (the "
+                   "others are skipped)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny epochs, 1 timed epoch, small matmul; for CI "
                    "(checks that everything runs, not how fast)")
@@ -333,6 +356,12 @@ def peer_pythons(args) -> list[str]:
 
 
 def run_framework(framework: str, args, config: dict, workdir: Path) -> dict:
+    if args.dtype != "float32" and framework not in MIXED_PRECISION_FRAMEWORKS:
+        reason = (f"--dtype {args.dtype} is implemented for "
+                  f"{', '.join(MIXED_PRECISION_FRAMEWORKS)} only")
+        print(f"{framework}: skipped: {reason}", flush=True)
+        return {"framework": framework, "label": FRAMEWORKS[framework].label,
+                "skipped": reason}
     pythons = [sys.executable] if FRAMEWORKS[framework].project else peer_pythons(args)
     reasons = []
     for python in pythons:
@@ -355,6 +384,23 @@ def _fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def jaxnn_overhead(report: dict) -> dict[str, float | None]:
+    """Per model, jaxnn's per-epoch overhead over the hand-fused scan, in percent.
+
+    ``(jax-scan samples/s / jaxnn samples/s - 1) * 100``: the extra time a jaxnn
+    epoch takes over the ``jax-scan`` epoch (negative: jaxnn faster); None
+    unless both ran the model.
+    """
+    frameworks = report["frameworks"]
+    overhead: dict[str, float | None] = {}
+    for name in report["config"]["models"]:
+        ours = frameworks.get("jaxnn", {}).get("results", {}).get(name)
+        fused = frameworks.get("jax-scan", {}).get("results", {}).get(name)
+        overhead[name] = (100 * (fused["train_samples_per_s"] / ours["train_samples_per_s"] - 1)
+                          if ours and fused else None)
+    return overhead
+
+
 def format_report(report: dict) -> str:
     lines = []
     machine = report["machine"]
@@ -369,6 +415,13 @@ def format_report(report: dict) -> str:
             or max(row_loads, default=0.0) > 1.5 * machine["cores"]):
         lines.append("  WARNING: other jobs were running; these figures are not representative.")
     lines.append(f"Data: {report['data']}; devices: {report['devices']['note']}")
+    dtype = report["config"].get("dtype", "float32")
+    jax_devices = next((r["setup"]["jax_devices"] for r in report["frameworks"].values()
+                        if r.get("setup", {}).get("jax_devices")), None)
+    lines.append(f"Compute dtype: {dtype}"
+                 + (" (mixed precision: float32 params and optimizer, bfloat16 forward and "
+                    "backward, float32 loss)" if dtype != "float32" else "")
+                 + (f"; JAX devices: {', '.join(jax_devices)}" if jax_devices else ""))
     matmul = report.get("matmul") or {}
     rates = matmul.get("gflop_per_s", {})
     if rates:
@@ -377,6 +430,7 @@ def format_report(report: dict) -> str:
     peak = report.get("peak_gflop_per_s")
 
     frameworks = report["frameworks"]
+    overhead = jaxnn_overhead(report)
     for name in report["config"]["models"]:
         spec = report["models"][name]
         lines.append("")
@@ -403,6 +457,9 @@ def format_report(report: dict) -> str:
                          f"{row['train_gflop_per_s']:>8.2f} {share:>6} {ratio:>8} "
                          f"{_fmt_rate(infer):>10} {infer_ratio:>8} "
                          f"{row['startup_seconds']:>10.2f} {row['loadavg_before'][0]:>5.1f}")
+        if overhead.get(name) is not None:
+            lines.append(f"  jaxnn per-epoch overhead over the hand-fused scan: "
+                         f"{overhead[name]:+.1f}%")
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"
@@ -453,12 +510,13 @@ def main(argv=None) -> int:
         "data": data_source,
         "devices": {"requested": args.devices,
                     "note": (f"{args.devices} forced CPU devices; {DEVICES_NOTE}"
-                             if args.devices else "default (1 CPU device)")},
+                             if args.devices else "default (JAX's devices, unforced)")},
         "config": {"models": models, "frameworks": frameworks, "epochs": args.epochs,
                    "warmup": args.warmup, "samples": samples,
                    "infer_samples": args.infer_samples, "infer_batch": args.infer_batch,
                    "infer_repeats": args.infer_repeats, "quick": args.quick,
-                   "seed": args.seed, "argv": sys.argv[1:]},
+                   "seed": args.seed, "dtype": args.dtype, "argv": sys.argv[1:]},
+        "dtype": args.dtype,
         "models": {m: {"description": MODELS[m].description, "batch": MODELS[m].batch,
                        "forward_flops": MODELS[m].flops[0], "train_flops": MODELS[m].flops[1]}
                    for m in models},
@@ -486,7 +544,8 @@ def main(argv=None) -> int:
                              warmup=args.warmup, infer_samples=args.infer_samples,
                              infer_batch=args.infer_batch, infer_repeats=args.infer_repeats,
                              seed=args.seed,
-                             options={"steps_per_call": spc.get(m, spc.get(None, "table"))}
+                             options={"steps_per_call": spc.get(m, spc.get(None, "table")),
+                                      "dtype": args.dtype}
                              ).__dict__ for m in models}
             config = {"data": paths, "models": models, "plans": plans,
                       "threads": args.torch_threads if fw == "torch" else None}
@@ -507,6 +566,7 @@ def main(argv=None) -> int:
 
     report["loadavg_end"] = list(os.getloadavg())
     report["total_seconds"] = time.perf_counter() - started
+    report["jaxnn_overhead_percent"] = jaxnn_overhead(report)
     peak = report["peak_gflop_per_s"]
     for result in report["frameworks"].values():
         for name, row in result.get("results", {}).items():

@@ -6,6 +6,11 @@ The models use ``x @ w``, ``lax.conv_general_dilated`` (NHWC/HWIO), ``lax.reduce
 for max pooling, ``jax.random.bernoulli`` for dropout (its key folded from the
 step number inside the step), and an LSTM cell computing ``x_t @ W_x + h @ W_h + b``
 at every step of a ``lax.scan``, as a tutorial writes it.
+
+With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) the loss casts the
+float32 params and the inputs to bfloat16 before the forward pass and the
+logits back to float32 (mixed precision: the params and Adam stay float32);
+inference runs on params and inputs cast to bfloat16 beforehand.
 """
 
 from __future__ import annotations
@@ -101,6 +106,30 @@ def lstm(params, x, key=None):
 APPLY = {"mlp": mlp, "cnn": cnn, "lstm": lstm}
 
 
+def compute_dtype(plan: Plan):
+    """The plan's compute dtype: None for float32 (no casts), else e.g. ``jnp.bfloat16``."""
+    name = plan.options.get("dtype", "float32")
+    return None if name == "float32" else jnp.dtype(name)
+
+
+def cast(tree, dtype):
+    """``tree`` with every leaf cast to ``dtype`` (a no-op for ``dtype=None``)."""
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def make_loss(apply, dtype):
+    """Mean softmax cross-entropy; with ``dtype``, the forward pass in it (mixed precision)."""
+
+    def loss_fn(params, x, y, key):
+        logits = apply(cast(params, dtype), cast(x, dtype), key)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), y).mean()
+
+    return loss_fn
+
+
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     apply = APPLY[spec.kind]
     init_key, dropout_key = jax.random.split(jax.random.key(plan.seed))
@@ -108,10 +137,8 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     optimizer = optax.adam(LEARNING_RATE)
     opt_state = optimizer.init(params)
     uses_dropout = spec.kind == "cnn"
-
-    def loss_fn(params, x, y, key):
-        logits = apply(params, x, key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    dtype = compute_dtype(plan)
+    loss_fn = make_loss(apply, dtype)
 
     @jax.jit
     def train_step(state, x, y, i):
@@ -128,9 +155,13 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
 
     predict = jax.jit(apply)
     x_test = model_inputs(spec.kind, data.x_test[:plan.infer_samples])
-    first, infer_seconds = _jax_loop.infer(lambda xb: predict(params, xb), x_test,
+    params = cast(params, dtype)
+    first, infer_seconds = _jax_loop.infer(lambda xb: predict(params, xb),
+                                           cast(jnp.asarray(x_test), dtype),
                                            plan.infer_batch, plan.infer_repeats)
     return Measurement(epoch_seconds=seconds, samples_per_epoch=samples, wall_seconds=wall,
                        infer_seconds=infer_seconds, infer_first_seconds=first,
                        infer_samples=len(x_test),
-                       notes=["ragged last batch dropped (tutorial style)"])
+                       notes=["ragged last batch dropped (tutorial style)"]
+                       + ([f"mixed precision: {dtype.name} compute, float32 params"]
+                          if dtype is not None else []))
