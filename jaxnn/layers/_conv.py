@@ -37,6 +37,7 @@ from jaxnn import initializers
 from jaxnn._typing import DTypeLike
 from jaxnn.errors import check_axis_size, check_floating, check_rank, where
 from jaxnn.layers._base import Layer, param_dtype
+from jaxnn.layers._conv_grad import conv_valid
 
 PaddingLike = str | int | Sequence[tuple[int, int]]
 """``"VALID"``, ``"SAME"`` (any case), an int ``p`` (``p`` zeros on both sides of
@@ -174,6 +175,7 @@ def _conv(
     window_desc = f"kernel (kernel_size {_describe(kernel_size)}"
     window_desc += f", dilation {_describe(dilation)})" if any(d > 1 for d in dilation) else ")"
     input_layout = layout(ndim)
+    unit_steps = all(v == 1 for v in (*strides, *dilation))
 
     def check_input(x) -> Pads:
         check_rank(x, kind, min_rank=ndim + 2, max_rank=ndim + 2, layout=input_layout)
@@ -199,14 +201,17 @@ def _conv(
                         what="last dimension (channels)")
         # lax requires equal dtypes; promote like jnp.matmul would.
         dt = jnp.result_type(x, kernel)
-        y = lax.conv_general_dilated(
-            x.astype(dt),
-            kernel.astype(dt),
-            window_strides=strides,
-            padding=pads,
-            rhs_dilation=dilation,
-            dimension_numbers=dimension_numbers,
-        )
+        x, kernel = x.astype(dt), kernel.astype(dt)
+        if unit_steps:
+            # Stride 1: explicit zero padding, then the VALID convolution whose kernel
+            # gradient runs as matrix products on CPU (see _conv_grad).
+            if any(p for pair in pads for p in pair):
+                x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+            y = conv_valid(x, kernel)
+        else:
+            y = lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads,
+                                         rhs_dilation=dilation,
+                                         dimension_numbers=dimension_numbers)
         if use_bias:
             y = y + params["bias"]
         return y, state
