@@ -53,10 +53,19 @@ def init_many(model: Layer, keys: PRNGKey, *inputs: Any) -> Params:
     return jax.jit(jax.vmap(one))(keys)
 
 
+def _is_single_key(key: Any) -> bool:
+    """One PRNG key (typed, shape ``()``; or raw uint32, shape ``(2,)``), not a stack."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 0
+    return key.ndim == 1
+
+
 def _population_size(params: Params, keys: PRNGKey, hyperparams: Hyperparams) -> int:
     """K, the shared leading axis of every params leaf, the keys and each hyperparameter."""
     leading = [("params", np.shape(leaf)[:1]) for leaf in jax.tree_util.tree_leaves(params)]
-    leading.append(("key", np.shape(keys)[:1]))
+    if not _is_single_key(keys):
+        leading.append(("key", np.shape(keys)[:1]))
     leading += [(f"hyperparams[{name!r}]", np.shape(v)[:1]) for name, v in hyperparams.items()]
     sizes = {shape for _, shape in leading}
     if len(sizes) != 1 or sizes == {()}:
@@ -95,8 +104,13 @@ def fit_many(
       optimizer: one optax gradient transformation for all members, or a function
         ``hyperparams -> transformation`` called with each member's
         hyperparameters, e.g. ``lambda hp: jaxnn.optimizers.adam(hp["lr"])``.
-      key: stacked PRNG keys, one per member (``jax.random.split(key, K)``);
-        member ``k`` shuffles exactly as ``fit(..., key=key[k])`` would.
+      key: one PRNG key shared by all members, or stacked keys, one per member
+        (``jax.random.split(key, K)``). Member ``k`` shuffles (and draws dropout
+        masks) exactly as ``fit(..., key=key)``, respectively ``fit(...,
+        key=key[k])``, would. One shared key is the fast path: every member sees
+        the same batch at each step, so the first layer of all K members runs as
+        one matrix product ``(batch, d) @ (d, K * units)`` instead of K small ones;
+        the members still differ in their initial parameters and hyperparameters.
       hyperparams: ``{name: array of shape (K,)}``, per-member values passed to
         ``optimizer`` and ``penalty``.
       penalty: ``penalty(params)`` as in ``fit``; when ``hyperparams`` is given,
@@ -136,7 +150,8 @@ def fit_many(
     def member_init(p, hp):
         return parts(hp)[0].init(p)
 
-    run_epoch = jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, 0, None, None)),
+    key_axis = None if _is_single_key(key) else 0
+    run_epoch = jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, key_axis, None, None)),
                         donate_argnums=(0,))
     data = jax.tree_util.tree_map(jnp.asarray, (x, y))
     opt_state = jax.jit(jax.vmap(member_init))(params, hyperparams)

@@ -16,12 +16,15 @@ def _data(n=60, features=5, classes=3):
     return x, y
 
 
-def test_each_member_equals_fit_alone(x64):
+@pytest.mark.parametrize("shared_key", [False, True], ids=["key-per-member", "shared-key"])
+def test_each_member_equals_fit_alone(x64, shared_key):
     x, y = _data()
     model = jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dropout(0.2), jaxnn.Dense(3)])
     K = 3
     init_keys = jax.random.split(jax.random.key(0), K)
-    train_keys = jax.random.split(jax.random.key(1), K)
+    # One shared training key (same batches and dropout masks for every member), or one each.
+    train_key = jax.random.key(1)
+    train_keys = [train_key] * K if shared_key else jax.random.split(train_key, K)
     params = init_many(model, init_keys, x[:1])
     lrs = jnp.array([1e-3, 1e-2, 3e-2])
     l2s = jnp.array([0.0, 1e-3, 1e-2])
@@ -30,7 +33,8 @@ def test_each_member_equals_fit_alone(x64):
         model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
         optimizer=lambda hp: jaxnn.optimizers.adam(hp["lr"]),
         hyperparams={"lr": lrs, "l2": l2s}, penalty=lambda p, hp: hp["l2"] * base_l2(p),
-        key=train_keys, epochs=3, batch_size=16, validation_data=(x, y), verbose=0,
+        key=train_key if shared_key else train_keys, epochs=3, batch_size=16,
+        validation_data=(x, y), verbose=0,
     )
     assert len(result.history["loss"]) == 3 and len(result.history["loss"][0]) == K
     for k in range(K):
