@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxnn.gradcheck import check_grads
+from jaxnn.layers import _recurrent
 from jaxnn.layers._container import Sequential, model
 from jaxnn.layers._dense import Dense
 from jaxnn.layers._recurrent import GRU, LSTM, SimpleRNN, gru_step, lstm_step, simple_rnn_step
@@ -288,12 +289,23 @@ def _dot_counts(jaxpr):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_input_projection_is_one_matmul_outside_the_scan(kind, key):
-    x = jnp.zeros((2, 6, 3))
+@pytest.mark.parametrize("placement, counts", [("all_at_once", (1, 1)), ("each_step", (0, 2))])
+def test_input_projection_placement(kind, placement, counts, key, monkeypatch):
+    # All at once (GPU/TPU): one matmul before the scan, only h @ recurrent_kernel inside.
+    # Each step (CPU): x_t @ kernel inside the scan as well. Both give the same values.
+    x = jax.random.normal(key, (2, 6, 3))
     layer = FACTORIES[kind](4, return_sequences=True)
     params = layer.init(key, x)
-    jaxpr = jax.make_jaxpr(lambda p, x: layer.apply(p, x, lengths=jnp.array([6, 2])))(params, x)
-    assert _dot_counts(jaxpr.jaxpr) == (1, 1)
+
+    def run(p, x):
+        return layer.apply(p, x, lengths=jnp.array([6, 2]))
+
+    by_backend = jax.jit(run)(params, x)
+    monkeypatch.setattr(_recurrent, "_FORCE_PROJECTION", placement)
+    # New functions, so that they are traced anew (not taken from the cache of `run`).
+    assert _dot_counts(jax.make_jaxpr(lambda p, x: run(p, x))(params, x).jaxpr) == counts
+    forced = jax.jit(lambda p, x: run(p, x))(params, x)
+    np.testing.assert_allclose(forced, by_backend, rtol=1e-5, atol=1e-6)
 
 
 # -- errors ------------------------------------------------------------------------
@@ -374,7 +386,7 @@ def test_matches_torch_with_transferred_weights(x64, kind):
     with torch.no_grad():
         for name, value in [("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh),
                             ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)]:
-            getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            getattr(module, name).copy_(torch.from_numpy(np.array(value)))  # a writable copy
         want, _ = module(torch.from_numpy(x))
     got = FACTORIES[kind](units, return_sequences=True).apply(
         {k: jnp.asarray(v) for k, v in p.items()}, jnp.asarray(x))

@@ -40,9 +40,15 @@ Weight transfer:
   ``recurrent_bias = P(bias_hh_l0)``. PyTorch applies the reset gate after the
   recurrent matmul, as we do.
 
-Performance: the layers compute the input projection ``x @ kernel + bias`` for
-all time steps in one matmul before the scan, so only ``h @ recurrent_kernel``
-and the elementwise gate maths remain inside the scan body.
+Performance: where the input projection ``x_t @ kernel + bias`` runs depends on
+the backend. On GPU and TPU the layers compute it for all time steps in one
+matmul before the scan, so only ``h @ recurrent_kernel`` and the elementwise
+gate maths remain inside the scan body. On CPU each step projects its own
+``x_t`` inside the scan: measured on 2 cores (LSTM(128) over MNIST's 28 rows of
+28, batch 128, a whole training epoch), that ran 15-25% faster than the
+projection outside, which writes and reads the ``(time, batch, 4 * units)``
+projection and its gradient through memory (``lax.platform_dependent`` picks
+the branch when the program is compiled). Both compute the same values.
 """
 
 from __future__ import annotations
@@ -73,6 +79,10 @@ Carry = Any  # an array h, or the pair (h, c) for LSTM
 _Core = Callable[[Params, Carry, Array], tuple[Carry, Array]]
 
 _LAYOUT = "(batch, time, features)"
+
+# None: the input projection's placement follows the backend (see the module
+# docstring); "each_step" or "all_at_once" forces one (for tests).
+_FORCE_PROJECTION: str | None = None
 
 
 # -- the cells ---------------------------------------------------------------
@@ -259,26 +269,41 @@ def _run(
     check_axis_size(x, kind, axis=-1, expected=params["kernel"].shape[0],
                     what="last dimension (features)")
     step_mask = _step_mask(kind, x, lengths, mask)
-    # One matmul for all steps, in time-major layout (T, N, G*u) for the scan.
-    xw = jnp.matmul(jnp.swapaxes(x, 0, 1), params["kernel"]) + params["bias"]
-    carry = _initial_carry(kind, initial_state, lstm, x.shape[0], units, xw.dtype)
+    dtype = jnp.result_type(x, params["kernel"])
+    carry = _initial_carry(kind, initial_state, lstm, x.shape[0], units, dtype)
 
-    if step_mask is None:
-        def body(carry, xw_t):
-            carry, h = core(params, carry, xw_t)
-            return carry, (h if return_sequences else None)
+    def scan(params, x, carry, step_mask, project_each_step):
+        x = jnp.swapaxes(x, 0, 1)  # time-major (T, N, F) for the scan
+        if project_each_step:
+            project = lambda x_t: _project(params, x_t)  # noqa: E731
+        else:  # one matmul for all steps: (T, N, G*u)
+            x = _project(params, x)
+            project = lambda xw_t: xw_t  # noqa: E731
 
-        carry, ys = jax.lax.scan(body, carry, xw, unroll=unroll)
-    else:
-        def body(carry, inputs):
-            xw_t, m_t = inputs
+        if step_mask is None:
+            def body(carry, x_t):
+                carry, h = core(params, carry, project(x_t))
+                return carry, (h if return_sequences else None)
+
+            return jax.lax.scan(body, carry, x, unroll=unroll)
+
+        def masked_body(carry, inputs):
+            x_t, m_t = inputs
             m_t = m_t[:, None]
-            new_carry, h = core(params, carry, xw_t)
+            new_carry, h = core(params, carry, project(x_t))
             carry = jax.tree_util.tree_map(lambda a, b: jnp.where(m_t, a, b), new_carry, carry)
             return carry, (jnp.where(m_t, h, jnp.zeros_like(h)) if return_sequences else None)
 
-        carry, ys = jax.lax.scan(body, carry, (xw, step_mask.T), unroll=unroll)
+        return jax.lax.scan(masked_body, carry, (x, step_mask.T), unroll=unroll)
 
+    if _FORCE_PROJECTION is not None:  # tests: run either branch on any backend
+        carry, ys = scan(params, x, carry, step_mask, _FORCE_PROJECTION == "each_step")
+    else:
+        carry, ys = jax.lax.platform_dependent(
+            params, x, carry, step_mask,
+            cpu=lambda *args: scan(*args, project_each_step=True),
+            default=lambda *args: scan(*args, project_each_step=False),
+        )
     y = jnp.swapaxes(ys, 0, 1) if return_sequences else (carry[0] if lstm else carry)
     return (y, carry) if return_state else y
 
