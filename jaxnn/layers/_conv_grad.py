@@ -1,27 +1,26 @@
-"""A stride-1 convolution whose kernel gradient is written as matrix products on CPU.
+"""A stride-1 convolution whose kernel gradient runs as matrix products on CPU.
 
 For ``y = conv(x, w)`` (channels-last ``x: (N, *S, C)``, kernel ``w: (*K, C, F)``,
-stride 1, no dilation, VALID), the kernel gradient is a sum over the output
-positions ``m = (n, *s)``:
+stride 1, no dilation, VALID), write ``x_k = x[:, k_0 : k_0 + S_0, ..., :]`` for
+the input seen by tap ``k`` of the window, reshaped to ``(M, C)`` with
+``M = N * prod(S_out)``. Then
 
-    dL/dw[k, c, f] = sum_m x[n, s + k, c] * dy[n, s, f]
+    y = sum_k x_k @ w[k]                    (as an (M, F) matrix)
+    dL/dw[k] = x_k^T @ dL/dy                (one product per tap)
 
-i.e. for every tap ``k`` of the window, one matrix product
-``x_k^T @ dy`` with ``x_k = x[:, k_0 : k_0 + S_0, ...]`` reshaped to ``(M, C)`` and
-``dy`` to ``(M, F)``. XLA:CPU lowers the kernel gradient of
-``lax.conv_general_dilated`` to a generic convolution that runs far below the
-machine's matrix-product rate (measured on 2 cores, MNIST CNN, batch 128: 17 ms
-for the 3x3x32x64 layer against 10 ms as per-tap products; 7 ms against 1.4 ms for
-the 3x3x1x32 layer), so on CPU the gradient is taken as products:
+XLA:CPU lowers the kernel gradient of ``lax.conv_general_dilated`` to a generic
+convolution that runs far below the machine's matrix-product rate (measured on
+2 cores, MNIST CNN, batch 128: 17-19 ms for the 3x3x32x64 layer against 10 ms as
+per-tap products; 7-9 ms against 1.4 ms for the 3x3x1x32 layer). So
+:func:`conv_valid` has a custom JVP whose tangent in the kernel is the sum of
+per-tap products above (on CPU; XLA's convolution on other backends, chosen by
+``lax.platform_dependent``). Reverse mode transposes that linear tangent, which
+turns it into exactly the products ``x_k^T @ dL/dy``; the forward pass and the
+input gradient stay XLA's convolution. With few input channels (``C < 8``) the
+taps are stacked into one ``(K*C, M)`` matrix for a single product.
 
-* few input channels (``C < 8``): the taps stacked channel-first into one
-  ``(K*C, M)`` matrix and one product with ``dy``;
-* otherwise one ``(C, M) @ (M, F)`` product per tap.
-
-Other backends (GPU, TPU) keep XLA's own convolution gradient
-(``lax.platform_dependent``). The input gradient and the forward pass are XLA's
-in every case. Values equal ``lax.conv_general_dilated``'s gradient up to the
-order of float summation.
+Values equal ``lax.conv_general_dilated``'s and its derivatives up to the order
+of float summation, and forward mode (``jax.jvp``, ``jax.hessian``) works.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 _FEW_CHANNELS = 8
 
@@ -56,53 +56,47 @@ def _window(x, offsets, out_shape, first):
     return lax.slice(x, starts, limits)
 
 
-def kernel_grad_products(x, dy, kernel_shape):
-    """``dL/dw`` of a stride-1 VALID convolution as matrix products (see module doc).
+def conv_by_taps(x, w):
+    """``conv(x, w)`` as the sum over kernel taps of ``x_k @ w[k]`` (see module doc).
 
-    Args:
-      x: ``(N, *S_in, C)``; dy: ``(N, *S_out, F)``; kernel_shape: ``(*K, C, F)``.
-    Returns:
-      ``(*K, C, F)``, in ``x``'s dtype.
+    Linear in ``w``; its transpose in ``w`` is the per-tap products ``x_k^T @ dy``.
+    Args: x ``(N, *S_in, C)``, w ``(*K, C, F)``. Returns ``(N, *S_out, F)``.
     """
-    *window, c, f = kernel_shape
-    out_shape = dy.shape[1:-1]
-    m = dy.shape[0]
+    *window, c, f = w.shape
+    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
+    m = x.shape[0]
     for s in out_shape:
         m *= s
     taps = list(itertools.product(*(range(k) for k in window)))
-    dy_matrix = dy.reshape(m, f)
     if c < _FEW_CHANNELS:
         channels_first = jnp.moveaxis(x, -1, 0)  # (C, N, *S_in)
         stacked = jnp.stack([_window(channels_first, offs, out_shape, 2) for offs in taps])
-        grads = stacked.reshape(len(taps) * c, m) @ dy_matrix  # (K*C, F)
-        return grads.reshape(*window, c, f)
-    grads = [_window(x, offs, out_shape, 1).reshape(m, c).T @ dy_matrix for offs in taps]
-    return jnp.stack(grads).reshape(*window, c, f)
+        y = lax.dot_general(stacked.reshape(len(taps) * c, m), w.reshape(len(taps) * c, f),
+                            (((0,), (0,)), ((), ())))
+    else:
+        y = sum(_window(x, offs, out_shape, 1).reshape(m, c) @ w[offs]
+                for offs in taps)
+    return y.reshape(x.shape[0], *out_shape, f)
 
 
-def _kernel_grad_xla(x, dy, w):
-    return jax.vjp(lambda w: _xla_conv(x, w), w)[1](dy)[0]
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def conv_valid(x, w):
     """``lax.conv_general_dilated(x, w)``, stride 1, VALID, channels-last (``N...C``, ``...IO``)."""
     return _xla_conv(x, w)
 
 
-def _conv_valid_fwd(x, w):
-    return _xla_conv(x, w), (x, w)
+def _conv_valid_jvp(primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    y = _xla_conv(x, w)
+    terms = []
+    if not isinstance(tx, SymbolicZero):
+        terms.append(_xla_conv(tx, w))
+    if not isinstance(tw, SymbolicZero):
+        terms.append(lax.platform_dependent(x, tw, cpu=conv_by_taps, default=_xla_conv))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    return y, sum(terms[1:], terms[0])
 
 
-def _conv_valid_bwd(residuals, dy):
-    x, w = residuals
-    dx = jax.vjp(lambda x: _xla_conv(x, w), x)[1](dy)[0]
-    dw = lax.platform_dependent(
-        x, dy, w,
-        cpu=lambda x, dy, w: kernel_grad_products(x, dy, w.shape).astype(w.dtype),
-        default=_kernel_grad_xla,
-    )
-    return dx, dw
-
-
-conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+conv_valid.defjvp(_conv_valid_jvp, symbolic_zeros=True)
