@@ -7,8 +7,11 @@
 For each K: ``jaxnn.init_many`` of the 784-64-64-10 MLP (``bench_common``),
 then ``jaxnn.fit_many`` (Adam 1e-3, softmax cross-entropy on integer labels,
 no metrics, as the throughput benchmark's jaxnn column) for ``--warmup``
-untimed epochs (default 1) and ``--epochs`` timed ones (default 1), each
-member shuffling ``--samples`` samples (default 60,000) its own way. fit_many
+untimed epochs (default 1) and ``--epochs`` timed ones (default 1) of
+``--samples`` samples (default 60,000) per member. ``--order shared`` (default)
+passes fit_many one key, so all members see the same batches (they differ in
+their initial parameters), the fast path; ``--order own`` gives each member its
+own key, hence its own shuffle. fit_many
 compiles ahead and reports that time apart (``compile s``); an epoch's seconds
 are fit_many's own (``history["seconds"]``), waiting for the epoch's losses.
 
@@ -72,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="folder with the four MNIST IDX files")
     p.add_argument("--random-data", action="store_true",
                    help="use random data of MNIST's shapes even when MNIST is there")
+    p.add_argument("--order", choices=("shared", "own"), default="shared",
+                   help="shared: one key, every member sees the same batches (default); "
+                        "own: one key per member")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_SAMPLES} samples, K = {QUICK_K} unless --k is "
@@ -122,7 +128,8 @@ def measure_population(model, x, y, k: int, args) -> dict:
     result = jaxnn.fit_many(model, params, x, y,
                             loss=jaxnn.losses.sparse_softmax_cross_entropy,
                             optimizer=jaxnn.optimizers.adam(LEARNING_RATE),
-                            key=jax.random.split(jax.random.key(args.seed + 1), k),
+                            key=(jax.random.key(args.seed + 1) if args.order == "shared"
+                                 else jax.random.split(jax.random.key(args.seed + 1), k)),
                             epochs=args.warmup + args.epochs, batch_size=SPEC.batch,
                             metrics=(), verbose=0)
     wall = time.perf_counter() - start
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
         "loadavg_start": list(os.getloadavg()),
         "data": source,
         "model": SPEC.description,
-        "config": {"k": args.k, "samples": len(x), "batch": SPEC.batch,
+        "config": {"k": args.k, "samples": len(x), "batch": SPEC.batch, "order": args.order,
                    "epochs": args.epochs, "warmup": args.warmup, "quick": args.quick,
                    "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)},
         "rows": [],
