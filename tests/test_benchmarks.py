@@ -127,17 +127,31 @@ def test_summary_divides_samples_by_the_median_timed_epoch():
     assert got["infer_samples_per_s"] == pytest.approx(100 / 0.5)
 
 
+def test_best_of_rounds_keeps_the_faster_round_per_model():
+    first = {"results": {"mlp32": {"train_samples_per_s": 100.0, "round": 1},
+                         "cnn": {"train_samples_per_s": 9.0, "round": 1}}}
+    second = {"results": {"mlp32": {"train_samples_per_s": 150.0, "round": 2},
+                          "cnn": {"train_samples_per_s": 5.0, "round": 2}}}
+    best = throughput.best_of_rounds(throughput.best_of_rounds(None, first), second)
+    assert best["results"]["mlp32"]["round"] == 2 and best["results"]["cnn"]["round"] == 1
+    assert best["results"]["mlp32"]["rounds_train_samples_per_s"] == [100.0, 150.0]
+    assert best["results"]["cnn"]["rounds_train_samples_per_s"] == [9.0, 5.0]
+
+
 @pytest.mark.slow
 def test_quick_run_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--json", str(out),
-         "--frameworks", "jaxnn,jax"],
+         "--frameworks", "jaxnn,jax,jax-scan"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["frameworks"]) == {"jaxnn", "jax"}
+    assert set(report["frameworks"]) == {"jaxnn", "jax", "jax-scan"}
+    overhead = report["jaxnn_overhead_percent"]
+    assert set(overhead) == set(bench_common.MODELS)
+    assert all(isinstance(v, float) and v > -100 for v in overhead.values()), overhead
     assert report["machine"]["cores"] >= 1 and report["date"]
     assert all(rate > 0 for rate in report["matmul"]["gflop_per_s"].values())
     for framework, result in report["frameworks"].items():
