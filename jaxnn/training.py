@@ -226,13 +226,14 @@ def epoch_plan(key: PRNGKey, n: int, batch_size: int, shuffle: bool = True):
     return idx, weights, jax.random.split(dropout_key, idx.shape[0])
 
 
-def scan_steps(step, carry, data, plan, unroll: bool = False):
+def scan_steps(step, carry, data, plan, unroll: bool | int = False):
     """Run ``step`` over the batches of ``plan``, gathering each batch from the
     device-resident ``data = (x, y)``; returns the carry and the summed per-step logs.
 
     A rolled ``lax.scan`` by default; ``unroll=True`` writes the steps out as
     straight-line code instead (XLA:CPU runs convolutions several times slower
-    inside a loop than outside one, even a loop of one step).
+    inside a loop than outside one, even a loop of one step); an integer ``k > 1``
+    keeps the loop but runs ``k`` steps per iteration (``lax.scan``'s ``unroll``).
     """
 
     def body(carry, batch):
@@ -240,8 +241,8 @@ def scan_steps(step, carry, data, plan, unroll: bool = False):
         x, y = _take(data, idx)
         return step(carry, (x, y, weights, key))
 
-    if not unroll:
-        carry, sums = jax.lax.scan(body, carry, plan)
+    if unroll is not True:
+        carry, sums = jax.lax.scan(body, carry, plan, unroll=max(1, int(unroll)))
         return carry, jax.tree_util.tree_map(jnp.sum, sums)
     totals = None
     for i in range(plan[0].shape[0]):
@@ -250,12 +251,27 @@ def scan_steps(step, carry, data, plan, unroll: bool = False):
     return carry, totals
 
 
+# A rolled epoch runs this many steps per loop iteration when a step is small: a
+# dense step of about 2 * batch * parameters FLOPs under _SMALL_STEP_FLOPS. Measured on
+# 2 cores (MNIST MLP 784-64-64-10, batch 32, ~3.5 MFLOP a step), four alternating
+# runs each: 2 steps per iteration trained 7-20% faster than 1 (compile 1.5-1.9 s
+# against 1.0-1.3 s); 4 steps 10-40% faster but compiled in 2.1-2.6 s. At batch
+# 128, and for the row-LSTM, unrolling made no difference and only added compile time.
+_SMALL_STEP_UNROLL = 2
+_SMALL_STEP_FLOPS = 8e6
+
+
+def _epoch_unroll(params: Params, batch_size: int) -> int:
+    count = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    return _SMALL_STEP_UNROLL if 2 * batch_size * count < _SMALL_STEP_FLOPS else 1
+
+
 class _Trainer:
     """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
                  shuffle, steps_per_call, value_and_grad=None, data_parallel=None,
-                 compute_dtype=None):
+                 compute_dtype=None, scan_unroll=1):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
@@ -274,7 +290,8 @@ class _Trainer:
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
             )
             # A chunk of a few steps is written out; a whole epoch stays a rolled loop.
-            return scan_steps(step, carry, data, plan, unroll=steps_per_call is not None)
+            return scan_steps(step, carry, data, plan,
+                              unroll=True if steps_per_call is not None else scan_unroll)
 
         self._run_steps = jax.jit(run_steps, donate_argnums=(0,), static_argnames=("length",))
         self._compiled: dict[int, Any] = {}
@@ -651,7 +668,8 @@ def fit(
             data = parallel.put((x, y))  # a full copy of the dataset on every device
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
                            shuffle, steps_per_call, value_and_grad, data_parallel=parallel,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype,
+                           scan_unroll=_epoch_unroll(params, batch_size))
     validate = None
     if validation_data is not None:
         x_val, y_val = validation_data
