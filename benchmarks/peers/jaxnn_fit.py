@@ -5,13 +5,14 @@ per model from :data:`STEPS_PER_CALL` unless the plan's options say otherwise
 (``--jaxnn-steps-per-call`` in ``throughput.py``); with ``"tune"`` each of
 :data:`TUNE_CANDIDATES` is timed on a short run first and the fastest is used.
 
-The per-model table, from the measurements in ``shared/PERF-LEADS.md`` on the
-2-core machine (check again with ``--jaxnn-steps-per-call tune``):
+The per-model table, measured on the 2-core machine (check again with
+``--jaxnn-steps-per-call tune``):
 
 * MLPs: the whole epoch in one ``lax.scan`` (``None``): about 2x the per-step loop.
-* CNN: one step per call (``1``): convolutions inside a rolled scan ran about 16x
-  slower on XLA:CPU.
-* LSTM: the whole epoch (``None``): 2.4k vs 1.4k samples/s for the per-step loop.
+* CNN: 4 straight-line steps per call (``4``): convolutions inside a rolled scan
+  ran about 16x slower on XLA:CPU; 4 per call beat 1 per call by about 30%.
+* LSTM: the whole epoch (``None``): 5.7k samples/s against 2.9k at 1 step per
+  call and 3.1-3.7k at 4 (2026-11-28, second session).
 
 With more than one JAX device (``throughput.py --devices N`` forces N CPU devices
 before JAX is imported) ``fit`` trains data-parallel over all of them
