@@ -387,7 +387,7 @@ def test_matches_torch_with_transferred_weights(x64, kind):
         for name, value in [("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh),
                             ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)]:
             getattr(module, name).copy_(torch.from_numpy(np.array(value)))  # a writable copy
-        want, _ = module(torch.from_numpy(x))
+        want, _ = module(torch.from_numpy(np.array(x)))
     got = FACTORIES[kind](units, return_sequences=True).apply(
         {k: jnp.asarray(v) for k, v in p.items()}, jnp.asarray(x))
     _close(got, want.numpy())
