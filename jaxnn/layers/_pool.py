@@ -17,6 +17,7 @@ counts them unless ``count_include_pad=False``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -75,11 +76,31 @@ def _tiled_max_jvp(window, primals, tangents):
         spread += [o, 1]
     spread.append(y.shape[-1])
     is_max = cropped.reshape(windowed) == y.reshape(spread)
-    window_axes = tuple(2 + 2 * i for i in range(len(window)))
-    ties = jnp.sum(is_max, axis=window_axes, dtype=x.dtype)
+    ties = _window_sum(is_max.astype(x.dtype), window)
     tangent, _ = _crop_to_windows(tx, window)
     picked = jnp.where(is_max, tangent.reshape(windowed), jnp.zeros((), tx.dtype))
-    return y, jnp.sum(picked, axis=window_axes) / ties
+    return y, _window_sum(picked, window) / ties
+
+
+def _window_sum(a, window):
+    """Sum over the window axes 2, 4, ... of the windowed layout ``(N, o_1, k_1, ..., C)``.
+
+    Written as a sum of the windows' positions (one strided view each) for small
+    windows: XLA:CPU fuses that into one loop, where its reduction over the
+    non-minor window axes ran several times slower (1.65 ms against 0.3 ms for the
+    MNIST CNN's first pooling at batch 128).
+    """
+    window_axes = tuple(2 + 2 * i for i in range(len(window)))
+    if math.prod(window) > 16:
+        return jnp.sum(a, axis=window_axes)
+    total = None
+    for position in itertools.product(*(range(k) for k in window)):
+        index = [slice(None)] * a.ndim
+        for axis, p in zip(window_axes, position):
+            index[axis] = p
+        part = a[tuple(index)]
+        total = part if total is None else total + part
+    return total
 
 
 def _pool(
