@@ -49,10 +49,10 @@ DEFAULT_FEED = "device"
 DEFAULT_STEPS_PER_CALL = 4  # for --feed device (measured fastest, see above)
 
 
-def steps_per_call_arg(text: str) -> int | None:
-    """``--steps-per-call``: a positive int, or ``epoch`` (None: one call per epoch)."""
+def steps_per_call_arg(text: str) -> int | str:
+    """``--steps-per-call``: a positive int, or ``epoch`` (one call per epoch)."""
     if text.lower() in ("epoch", "none"):
-        return None
+        return "epoch"
     try:
         value = int(text)
     except ValueError:

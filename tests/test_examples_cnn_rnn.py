@@ -85,7 +85,7 @@ def test_rnn_summary_counts_match_formulas():
 
 def test_steps_per_call_argument():
     cnn = _load("mnist_cnn")
-    assert cnn.parse_args(["--steps-per-call", "epoch"]).steps_per_call is None
+    assert cnn.parse_args(["--steps-per-call", "epoch"]).steps_per_call == "epoch"
     assert cnn.parse_args(["--steps-per-call", "16"]).steps_per_call == 16
     for bad in (["--steps-per-call", "0"], ["--steps-per-call", "x"], ["--train-limit", "0"]):
         with pytest.raises(SystemExit):

@@ -247,3 +247,34 @@ def test_predict_and_evaluate_compile_once():
         run(model, params, x)
         run(model, params, 2 * x)
         assert len(traces) == after_first
+
+
+def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
+    # On CPU a model with a convolution runs 4 straight-line steps per call by default
+    # (a convolution inside a rolled loop runs many times slower on XLA:CPU); others,
+    # the whole epoch. The choice changes the program, not the numbers.
+    from jaxnn.training import _CONV_STEPS_PER_CALL_ON_CPU, _default_steps_per_call
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 6, 6, 1))
+    y = rng.integers(0, 3, size=20)
+    cnn = jaxnn.Sequential([jaxnn.Conv2D(2, 3), jaxnn.relu, jaxnn.Flatten(), jaxnn.Dense(3)])
+    mlp = jaxnn.Sequential([jaxnn.Flatten(), jaxnn.Dense(4), jaxnn.relu, jaxnn.Dense(3)])
+    cnn_params = cnn.init(jax.random.key(0), x[:1])
+    mlp_params = mlp.init(jax.random.key(0), x[:1])
+    assert jax.default_backend() == "cpu"
+    assert _default_steps_per_call(cnn, cnn_params, {}, x, 4) == _CONV_STEPS_PER_CALL_ON_CPU
+    assert _default_steps_per_call(mlp, mlp_params, {}, x, 4) is None
+
+    kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy,
+                  optimizer=jaxnn.optimizers.adam(1e-2), key=jax.random.key(1), epochs=2,
+                  batch_size=4, verbose=0)
+    by_default = fit(cnn, cnn_params, x, y, **kwargs)
+    chunked = fit(cnn, cnn_params, x, y, steps_per_call=_CONV_STEPS_PER_CALL_ON_CPU, **kwargs)
+    whole = fit(cnn, cnn_params, x, y, steps_per_call="epoch", **kwargs)
+    leaves = [jax.tree_util.tree_leaves(r.params) for r in (by_default, chunked, whole)]
+    for a, b, c in zip(*leaves):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="steps_per_call must be a positive integer, 'epoch'"):
+        fit(mlp, mlp_params, x, y, steps_per_call="chunks", **kwargs)

@@ -8,10 +8,10 @@ per model from :data:`STEPS_PER_CALL` unless the plan's options say otherwise
 The per-model table, measured on the 2-core machine (check again with
 ``--jaxnn-steps-per-call tune``):
 
-* MLPs: the whole epoch in one ``lax.scan`` (``None``): about 2x the per-step loop.
+* MLPs: the whole epoch in one ``lax.scan`` (``"epoch"``): about 2x the per-step loop.
 * CNN: 4 straight-line steps per call (``4``): convolutions inside a rolled scan
   ran about 16x slower on XLA:CPU; 4 per call beat 1 per call by about 30%.
-* LSTM: the whole epoch (``None``): 5.7k samples/s against 2.9k at 1 step per
+* LSTM: the whole epoch (``"epoch"``): 5.7k samples/s against 2.9k at 1 step per
   call and 3.1-3.7k at 4 (2026-11-28, second session).
 
 With more than one JAX device (``throughput.py --devices N`` forces N CPU devices
@@ -43,8 +43,8 @@ from bench_common import (
 
 # Measured on 2 cores (2026-11-28): the CNN is fastest at 4 straight-line steps per
 # call (2,750 samples/s against 2,050 at 1), the MLP and LSTM as one program an epoch.
-STEPS_PER_CALL: dict[str, int | None] = {"mlp": None, "cnn": 4, "lstm": None}
-TUNE_CANDIDATES: tuple[int | None, ...] = (None, 1, 4, 16)
+STEPS_PER_CALL: dict[str, int | str] = {"mlp": "epoch", "cnn": 4, "lstm": "epoch"}
+TUNE_CANDIDATES: tuple[int | str, ...] = ("epoch", 1, 4, 16)
 TUNE_STEPS = 8  # steps per tuning epoch
 
 
@@ -93,7 +93,7 @@ def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key,
 
 
 def tune(model, params, x, y, spec: ModelSpec, key,
-         compute_dtype=None) -> tuple[int | None, dict[str, float]]:
+         compute_dtype=None) -> tuple[int | str, dict[str, float]]:
     """The fastest ``steps_per_call`` on a :data:`TUNE_STEPS`-step epoch (second epoch timed)."""
     n = min(len(x), TUNE_STEPS * spec.batch)
     timings = {}
@@ -101,7 +101,7 @@ def tune(model, params, x, y, spec: ModelSpec, key,
         result = _fit(model, params, x[:n], y[:n], spec, 2, k, key, compute_dtype)
         timings[str(k)] = result.history["seconds"][-1]
     best = min(timings, key=timings.get)
-    return (None if best == "None" else int(best)), timings
+    return (best if best == "epoch" else int(best)), timings
 
 
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
@@ -126,7 +126,7 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
         notes.append(f"tuned steps_per_call on {TUNE_STEPS}-step epochs: "
                      + ", ".join(f"{k}: {v:.3f}s" for k, v in timings.items()))
     else:
-        steps_per_call = None if choice in (None, "epoch", "None") else int(choice)
+        steps_per_call = "epoch" if choice in (None, "epoch", "None") else int(choice)
     notes.append(f"steps_per_call={steps_per_call} ({choice})")
     if _devices() is not None:
         notes.append(f"data-parallel over {_devices()} devices (fit(devices={_devices()})): "
