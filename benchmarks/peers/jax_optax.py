@@ -130,27 +130,36 @@ def make_loss(apply, dtype):
     return loss_fn
 
 
-def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
+def training(spec: ModelSpec, plan: Plan):
+    """``(state, step)``: the initial ``(params, opt_state)`` and the Adam step
+    ``step(state, x, y, i) -> (state, loss)`` (dropout key folded from step ``i``),
+    not jitted; shared with the hand-fused peer (``peers/jax_scan.py``)."""
     apply = APPLY[spec.kind]
     init_key, dropout_key = jax.random.split(jax.random.key(plan.seed))
     params = init(spec.kind, init_key)
     optimizer = optax.adam(LEARNING_RATE)
-    opt_state = optimizer.init(params)
     uses_dropout = spec.kind == "cnn"
-    dtype = compute_dtype(plan)
-    loss_fn = make_loss(apply, dtype)
+    grad_fn = jax.value_and_grad(make_loss(apply, compute_dtype(plan)))
 
-    @jax.jit
-    def train_step(state, x, y, i):
+    def step(state, x, y, i):
         params, opt_state = state
         key = jax.random.fold_in(dropout_key, i) if uses_dropout else None
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+        loss, grads = grad_fn(params, x, y, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
+    return (params, optimizer.init(params)), step
+
+
+def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
+    apply = APPLY[spec.kind]
+    dtype = compute_dtype(plan)
+    state, step = training(spec, plan)
+    train_step = jax.jit(step)
+
     x = model_inputs(spec.kind, data.x_train[:plan.samples])
     (params, _), seconds, samples, wall = _jax_loop.train(
-        train_step, (params, opt_state), x, data.y_train[:plan.samples], spec.batch,
+        train_step, state, x, data.y_train[:plan.samples], spec.batch,
         plan.epochs, plan.seed)
 
     predict = jax.jit(apply)

@@ -26,11 +26,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-from bench_common import LEARNING_RATE, Data, Measurement, ModelSpec, Plan, model_inputs
+from bench_common import Data, Measurement, ModelSpec, Plan, model_inputs
 
 from peers import _jax_loop
-from peers.jax_optax import APPLY, cast, compute_dtype, init, make_loss, setup, versions
+from peers.jax_optax import APPLY, cast, compute_dtype, setup, training, versions
 
 __all__ = ["run", "setup", "versions"]
 
@@ -39,15 +38,9 @@ CNN_STEPS_PER_CALL = 4
 
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     apply = APPLY[spec.kind]
-    init_key, dropout_key = jax.random.split(jax.random.key(plan.seed))
-    shuffle_key = jax.random.key(plan.seed + 1)
-    params = init(spec.kind, init_key)
-    optimizer = optax.adam(LEARNING_RATE)
-    opt_state = optimizer.init(params)
-    uses_dropout = spec.kind == "cnn"
     dtype = compute_dtype(plan)
-    loss_fn = make_loss(apply, dtype)
-    grad_fn = jax.value_and_grad(loss_fn)
+    state, train_step = training(spec, plan)
+    shuffle_key = jax.random.key(plan.seed + 1)
     batch = spec.batch
     n = plan.samples
     steps = n // batch
@@ -55,11 +48,7 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
         raise ValueError(f"{n} samples make no full batch of {batch}")
 
     def step(state, x, y, idx, i):
-        params, opt_state = state
-        key = jax.random.fold_in(dropout_key, i) if uses_dropout else None
-        loss, grads = grad_fn(params, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        return train_step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), i)
 
     def permutation(epoch):
         perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n)
@@ -102,7 +91,6 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     start_all = time.perf_counter()
     x = jnp.asarray(model_inputs(spec.kind, data.x_train[:n]))
     y = jnp.asarray(data.y_train[:n])
-    state = (params, opt_state)
     seconds = []
     for epoch in range(plan.epochs):
         start = time.perf_counter()

@@ -78,8 +78,8 @@ def conv_by_taps(x, w):
         y = lax.dot_general(stacked.reshape(len(taps) * c, m), w.reshape(len(taps) * c, f),
                             (((0,), (0,)), ((), ())))
     else:
-        y = sum(_window(x, offs, out_shape, 1).reshape(m, c) @ w[offs]
-                for offs in taps)
+        products = [_window(x, offs, out_shape, 1).reshape(m, c) @ w[offs] for offs in taps]
+        y = sum(products[1:], products[0])
     return y.reshape(x.shape[0], *out_shape, f)
 
 
