@@ -11,7 +11,8 @@ import pytest
 from jax import lax
 
 from jaxnn.activations import relu
-from jaxnn.layers._conv_grad import _FEW_CHANNELS, conv_valid
+from jaxnn.layers import _conv_grad
+from jaxnn.layers._conv_grad import _FEW_CHANNELS, conv_valid, patches
 from jaxnn.layers._pool import _tiled_max
 
 
@@ -29,8 +30,13 @@ SHAPES = [  # (x, kernel): 1-D, 2-D and 3-D; few input channels (one product) an
 ]
 
 
+@pytest.mark.parametrize("patch_limit", ["default", "none fit"])
 @pytest.mark.parametrize("x_shape, w_shape", SHAPES)
-def test_conv_derivatives_equal_lax(x64, x_shape, w_shape):
+def test_conv_derivatives_equal_lax(x64, monkeypatch, x_shape, w_shape, patch_limit):
+    # "none fit": every layer with many channels takes the per-tap products, as
+    # layers whose patch matrix would exceed PATCHES_MAX_BYTES do.
+    if patch_limit == "none fit":
+        monkeypatch.setattr(_conv_grad, "PATCHES_MAX_BYTES", 0)
     x = jax.random.normal(jax.random.key(0), x_shape)
     w = jax.random.normal(jax.random.key(1), w_shape)
     tx = jax.random.normal(jax.random.key(2), x_shape)
@@ -53,9 +59,24 @@ def test_conv_derivatives_equal_lax(x64, x_shape, w_shape):
     np.testing.assert_allclose(got_t, want_t, rtol=1e-10, atol=1e-10)
 
 
-def test_conv_hessian_equals_lax(x64):
-    x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
-    w = jax.random.normal(jax.random.key(1), (2, 2, 2, 2))
+def test_patches_are_the_im2col_matrix(x64):
+    # Reference: the definition, entry by entry, in numpy.
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 4, 3)))
+    window = (3, 2)
+    got = np.asarray(patches(jnp.asarray(x), window))
+    assert got.shape == (2, 3, 3, 6 * 3)
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                want = [x[n, i + di, j + dj, c] for di in range(3) for dj in range(2)
+                        for c in range(3)]
+                np.testing.assert_array_equal(got[n, i, j], want)
+
+
+@pytest.mark.parametrize("channels", [2, _FEW_CHANNELS + 1])  # stacked taps; patches
+def test_conv_hessian_equals_lax(x64, channels):
+    x = jax.random.normal(jax.random.key(0), (1, 5, 5, channels))
+    w = jax.random.normal(jax.random.key(1), (2, 2, channels, 2))
 
     def loss(conv):
         return lambda w: jnp.sum(jnp.sin(conv(x, w)))

@@ -12,16 +12,27 @@ XLA:CPU lowers the kernel gradient of ``lax.conv_general_dilated`` to a generic
 convolution that runs far below the machine's matrix-product rate (measured on
 2 cores, MNIST CNN, batch 128: 17-19 ms for the 3x3x32x64 layer against 10 ms as
 per-tap products; 7-9 ms against 1.4 ms for the 3x3x1x32 layer). So
-:func:`conv_valid` has a custom JVP whose tangent in the kernel is the sum of
-per-tap products above (on CPU; XLA's convolution on other backends, chosen by
-``lax.platform_dependent``). Reverse mode transposes that linear tangent, which
-turns it into exactly the products ``x_k^T @ dL/dy``; the forward pass and the
-input gradient stay XLA's convolution. With few input channels (``C < 8``) the
-taps are stacked into one ``(K*C, M)`` matrix for a single product, and when
-the kernel is being differentiated (training a first layer) that matrix gives
-the forward values too, by one more product (3.5 ms of XLA's convolution per
-step measured in the CNN's first layer at batch 128); inference keeps XLA's
-convolution, which is faster on large batches.
+:func:`conv_valid` has a custom JVP whose tangent in the kernel is a matrix
+product on CPU (XLA's convolution on other backends, chosen by
+``lax.platform_dependent``). Reverse mode transposes that linear tangent into
+products with ``dL/dy``; the input gradient stays XLA's convolution. When the
+kernel is being differentiated (training), the matrix the kernel's tangent
+needs gives the forward values too, by one more product, in one of three forms:
+
+* few input channels (``C < 8``, a first layer): the taps stacked channels-first
+  into one ``(K*C, M)`` matrix (3.5 ms of XLA's convolution per step saved in the
+  CNN's first layer at batch 128);
+* otherwise, the patch matrix ``P = [x_1 | x_2 | ... | x_K]`` of shape
+  ``(M, K*C)`` (im2col), built as a sum of zero-padded windows so that XLA:CPU
+  writes it in one pass (2.1 ms for the CNN's second layer at batch 128, against
+  6.8 ms for a concatenation), then ``y = P @ w`` and ``dL/dw = P^T @ dL/dy``: a
+  training step of the MNIST CNN 11-18% faster than XLA's forward convolution
+  with per-tap kernel products;
+* when ``P`` would exceed :data:`PATCHES_MAX_BYTES` (large images): XLA's forward
+  convolution and one product per tap, each over a window that lives only as
+  long as its product.
+
+Inference keeps XLA's convolution, which is faster on large batches.
 
 Values equal ``lax.conv_general_dilated``'s and its derivatives up to the order
 of float summation, and forward mode (``jax.jvp``, ``jax.hessian``) works.
@@ -30,6 +41,7 @@ of float summation, and forward mode (``jax.jvp``, ``jax.hessian``) works.
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +49,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 _FEW_CHANNELS = 8
+PATCHES_MAX_BYTES = 1 << 27  # largest im2col matrix (128 MiB) built for a training step
 
 
 def _dimension_numbers(ndim: int) -> tuple[str, str, str]:
@@ -83,6 +96,49 @@ def conv_by_taps(x, w):
     return y.reshape(x.shape[0], *out_shape, f)
 
 
+def patches(x, window):
+    """The im2col matrix of ``x`` for a kernel of spatial shape ``window``.
+
+    Args: x ``(N, *S_in, C)``. Returns ``(N, *S_out, K*C)`` with
+    ``S_out = S_in - window + 1`` and ``K = prod(window)``: entry ``[n, *s, k*C + c]``
+    is ``x[n, *(s + offset_k), c]`` for the ``k``-th tap in row-major order, so that
+    ``patches(x) @ w.reshape(K*C, F)`` is the convolution. Written as a sum of
+    windows each zero-padded into its own block of channels (one fused loop on
+    XLA:CPU, where a concatenation copies every window first).
+    """
+    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
+    taps = list(itertools.product(*(range(k) for k in window)))
+    c = x.shape[-1]
+    total = None
+    for index, offsets in enumerate(taps):
+        spread = [(0, 0)] * (x.ndim - 1) + [(index * c, (len(taps) - 1 - index) * c)]
+        part = jnp.pad(_window(x, offsets, out_shape, 1), spread)
+        total = part if total is None else total + part
+    return total
+
+
+def _values_and_kernel_tangent(x, w, tw):
+    """``(conv(x, w), conv(x, tw))`` from one patch matrix: ``P @ w`` and ``P @ tw``."""
+    *window, c, f = w.shape
+    p = patches(x, window)
+    rows = p.reshape(-1, p.shape[-1])
+    out_shape = p.shape[:-1] + (f,)
+    return ((rows @ w.reshape(-1, f)).reshape(out_shape),
+            (rows @ tw.reshape(-1, f)).reshape(out_shape))
+
+
+def _xla_values_and_kernel_tangent(x, w, tw):
+    return _xla_conv(x, w), _xla_conv(x, tw)
+
+
+def _patches_fit(x, w) -> bool:
+    *window, c, _ = w.shape
+    rows = x.shape[0]
+    for size, k in zip(x.shape[1:-1], window):
+        rows *= size - k + 1
+    return rows * math.prod(window) * c * x.dtype.itemsize <= PATCHES_MAX_BYTES
+
+
 @jax.custom_jvp
 def conv_valid(x, w):
     """``lax.conv_general_dilated(x, w)``, stride 1, VALID, channels-last (``N...C``, ``...IO``)."""
@@ -92,17 +148,23 @@ def conv_valid(x, w):
 def _conv_valid_jvp(primals, tangents):
     x, w = primals
     tx, tw = tangents
-    if x.shape[-1] < _FEW_CHANNELS and not isinstance(tw, SymbolicZero):
+    terms = []
+    if isinstance(tw, SymbolicZero):
+        y = _xla_conv(x, w)
+    elif x.shape[-1] < _FEW_CHANNELS:
         # Training a first layer: the stacked taps the kernel's tangent needs give
         # the values too, by one more product (on CPU).
         y = lax.platform_dependent(x, w, cpu=conv_by_taps, default=_xla_conv)
+        terms.append(lax.platform_dependent(x, tw, cpu=conv_by_taps, default=_xla_conv))
+    elif _patches_fit(x, w):
+        y, t = lax.platform_dependent(x, w, tw, cpu=_values_and_kernel_tangent,
+                                      default=_xla_values_and_kernel_tangent)
+        terms.append(t)
     else:
         y = _xla_conv(x, w)
-    terms = []
+        terms.append(lax.platform_dependent(x, tw, cpu=conv_by_taps, default=_xla_conv))
     if not isinstance(tx, SymbolicZero):
         terms.append(_xla_conv(tx, w))
-    if not isinstance(tw, SymbolicZero):
-        terms.append(lax.platform_dependent(x, tw, cpu=conv_by_taps, default=_xla_conv))
     if not terms:
         return y, jnp.zeros_like(y)
     return y, sum(terms[1:], terms[0])
