@@ -76,14 +76,19 @@ def _tiled_max_jvp(window, primals, tangents):
         spread += [o, 1]
     spread.append(y.shape[-1])
     is_max = cropped.reshape(windowed) == y.reshape(spread)
-    ties = _window_sum(is_max.astype(x.dtype), window)
+    # Counted from the boolean mask: XLA:CPU then keeps the mask as one byte per
+    # element for the backward pass instead of a float copy of x (MNIST CNN, first
+    # pooling at batch 128: 1.1 ms against 2.7-3.3 ms to write it, 0.9 against
+    # 1.3-1.9 ms to read it back).
+    ties = _window_sum(is_max, window, x.dtype)
     tangent, _ = _crop_to_windows(tx, window)
     picked = jnp.where(is_max, tangent.reshape(windowed), jnp.zeros((), tx.dtype))
     return y, _window_sum(picked, window) / ties
 
 
-def _window_sum(a, window):
-    """Sum over the window axes 2, 4, ... of the windowed layout ``(N, o_1, k_1, ..., C)``.
+def _window_sum(a, window, dtype=None):
+    """Sum over the window axes 2, 4, ... of the windowed layout ``(N, o_1, k_1, ..., C)``,
+    in ``dtype`` (default: ``a``'s), each element converted before it is added.
 
     Written as a sum of the windows' positions (one strided view each) for small
     windows: XLA:CPU fuses that into one loop, where its reduction over the
@@ -91,14 +96,15 @@ def _window_sum(a, window):
     MNIST CNN's first pooling at batch 128).
     """
     window_axes = tuple(2 + 2 * i for i in range(len(window)))
+    dtype = a.dtype if dtype is None else dtype
     if math.prod(window) > 16:
-        return jnp.sum(a, axis=window_axes)
+        return jnp.sum(a, axis=window_axes, dtype=dtype)
     total = None
     for position in itertools.product(*(range(k) for k in window)):
         index = [slice(None)] * a.ndim
         for axis, p in zip(window_axes, position):
             index[axis] = p
-        part = a[tuple(index)]
+        part = a[tuple(index)].astype(dtype)
         total = part if total is None else total + part
     return total
 
