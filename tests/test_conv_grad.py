@@ -22,8 +22,9 @@ def _lax_conv(x, w):
     return lax.conv_general_dilated(x, w, (1,) * (x.ndim - 2), "VALID", dimension_numbers=dn)
 
 
-SHAPES = [  # (x, kernel): 1-D, 2-D and 3-D; few input channels (one product) and many
-    ((3, 9, 9, 1), (3, 3, 1, 4)),
+SHAPES = [  # (x, kernel): 1-D, 2-D and 3-D; few input channels and many
+    ((3, 9, 9, 1), (3, 3, 1, 4)),  # values as a fused loop (9 terms)
+    ((2, 9, 9, 3), (4, 3, 3, 4)),  # values from the stacked taps (36 terms)
     ((2, 7, 8, _FEW_CHANNELS + 2), (3, 2, _FEW_CHANNELS + 2, 5)),
     ((2, 11, 3), (4, 3, 6)),
     ((2, 5, 6, 7, 9), (2, 3, 2, 9, 3)),
