@@ -11,6 +11,9 @@ The per-model table, measured on the 2-core machine (check again with
 * MLPs: the whole epoch in one ``lax.scan`` (``"epoch"``): about 2x the per-step loop.
 * CNN: 4 straight-line steps per call (``4``): convolutions inside a rolled scan
   ran about 16x slower on XLA:CPU; 4 per call beat 1 per call by about 30%.
+  Tuned again after the convolution's patch-matrix path (third session), on
+  8-step epochs: 0.265 s at 4 per call, 0.308 s at 16, 0.402 s at 1, 0.417 s
+  as a rolled epoch.
 * LSTM: the whole epoch (``"epoch"``): 5.7k samples/s against 2.9k at 1 step per
   call and 3.1-3.7k at 4 (2026-11-28, second session).
 
