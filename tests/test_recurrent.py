@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jaxnn.gradcheck import check_grads
-from jaxnn.layers import _recurrent
 from jaxnn.layers._container import Sequential, model
 from jaxnn.layers._dense import Dense
 from jaxnn.layers._recurrent import GRU, LSTM, SimpleRNN, gru_step, lstm_step, simple_rnn_step
@@ -290,22 +289,27 @@ def _dot_counts(jaxpr):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("placement, counts", [("all_at_once", (1, 1)), ("each_step", (0, 2))])
-def test_input_projection_placement(kind, placement, counts, key, monkeypatch):
+def test_input_projection_placement(kind, placement, counts, key):
     # All at once (GPU/TPU): one matmul before the scan, only h @ recurrent_kernel inside.
     # Each step (CPU): x_t @ kernel inside the scan as well. Both give the same values.
     x = jax.random.normal(key, (2, 6, 3))
-    layer = FACTORIES[kind](4, return_sequences=True)
-    params = layer.init(key, x)
+    by_backend = FACTORIES[kind](4, return_sequences=True)
+    fixed = FACTORIES[kind](4, return_sequences=True, projection=placement)
+    params = by_backend.init(key, x)
 
-    def run(p, x):
-        return layer.apply(p, x, lengths=jnp.array([6, 2]))
+    def run(layer):
+        return lambda p, x: layer.apply(p, x, lengths=jnp.array([6, 2]))
 
-    by_backend = jax.jit(run)(params, x)
-    monkeypatch.setattr(_recurrent, "_FORCE_PROJECTION", placement)
-    # New functions, so that they are traced anew (not taken from the cache of `run`).
-    assert _dot_counts(jax.make_jaxpr(lambda p, x: run(p, x))(params, x).jaxpr) == counts
-    forced = jax.jit(lambda p, x: run(p, x))(params, x)
-    np.testing.assert_allclose(forced, by_backend, rtol=1e-5, atol=1e-6)
+    assert _dot_counts(jax.make_jaxpr(run(fixed))(params, x).jaxpr) == counts
+    np.testing.assert_allclose(jax.jit(run(fixed))(params, x),
+                               jax.jit(run(by_backend))(params, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_option_is_checked(kind):
+    name = FACTORIES[kind].__name__
+    with pytest.raises(ValueError, match=f"{name}: projection must be None .*'sideways'"):
+        FACTORIES[kind](4, projection="sideways")
 
 
 # -- errors ------------------------------------------------------------------------

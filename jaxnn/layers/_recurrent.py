@@ -48,7 +48,9 @@ gate maths remain inside the scan body. On CPU each step projects its own
 28, batch 128, a whole training epoch), that ran 15-25% faster than the
 projection outside, which writes and reads the ``(time, batch, 4 * units)``
 projection and its gradient through memory (``lax.platform_dependent`` picks
-the branch when the program is compiled). Both compute the same values.
+the branch when the program is compiled). Both compute the same values. The
+option ``projection="each_step"`` or ``"all_at_once"`` fixes the placement on
+every backend (None, the default: by backend as above).
 """
 
 from __future__ import annotations
@@ -80,9 +82,7 @@ _Core = Callable[[Params, Carry, Array], tuple[Carry, Array]]
 
 _LAYOUT = "(batch, time, features)"
 
-# None: the input projection's placement follows the backend (see the module
-# docstring); "each_step" or "all_at_once" forces one (for tests).
-_FORCE_PROJECTION: str | None = None
+_PROJECTIONS = (None, "each_step", "all_at_once")  # see the module docstring
 
 
 # -- the cells ---------------------------------------------------------------
@@ -263,6 +263,7 @@ def _run(
     mask: Any,
     initial_state: Any,
     unroll: int,
+    projection: str | None,
 ) -> Any:
     check_rank(x, kind, min_rank=3, max_rank=3, layout=_LAYOUT)
     check_floating(x, kind)
@@ -296,8 +297,8 @@ def _run(
 
         return jax.lax.scan(masked_body, carry, (x, step_mask.T), unroll=unroll)
 
-    if _FORCE_PROJECTION is not None:  # tests: run either branch on any backend
-        carry, ys = scan(params, x, carry, step_mask, _FORCE_PROJECTION == "each_step")
+    if projection is not None:
+        carry, ys = scan(params, x, carry, step_mask, projection == "each_step")
     else:
         carry, ys = jax.lax.platform_dependent(
             params, x, carry, step_mask,
@@ -339,11 +340,15 @@ def _recurrent_layer(
     forget_bias: bool,
     dtype: DTypeLike | None,
     unroll: int,
+    projection: str | None,
     name: str | None,
 ) -> Layer:
     _check_units(kind, units)
     if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
         raise ValueError(f"{kind}: unroll must be a positive integer, got {unroll!r}")
+    if not any(projection is p or projection == p for p in _PROJECTIONS):
+        raise ValueError(f"{kind}: projection must be None (by backend), 'each_step' or "
+                         f"'all_at_once', got {projection!r}")
     kernel_init = kernel_init or initializers.glorot_uniform()
     recurrent_init = recurrent_init or initializers.orthogonal()
     bias_init = bias_init or initializers.zeros()
@@ -370,7 +375,8 @@ def _recurrent_layer(
         del key, train
         y = _run(kind, core, params, x, units=units, lstm=lstm,
                  return_sequences=return_sequences, return_state=return_state,
-                 lengths=lengths, mask=mask, initial_state=initial_state, unroll=unroll)
+                 lengths=lengths, mask=mask, initial_state=initial_state, unroll=unroll,
+                 projection=projection)
         return y, state
 
     return Layer(name or stem, initialize, forward,
@@ -389,6 +395,7 @@ def SimpleRNN(
     bias_init: initializers.Initializer | None = None,
     dtype: DTypeLike | None = None,
     unroll: int = 1,
+    projection: str | None = None,
     name: str | None = None,
 ) -> Layer:
     """A simple (Elman) RNN layer: ``h_t = activation(x_t W + b + h_{t-1} U)``.
@@ -421,7 +428,10 @@ def SimpleRNN(
     Options: ``kernel_init`` (default Glorot uniform), ``recurrent_init``
     (default orthogonal), ``bias_init`` (default zeros), ``dtype`` of the
     parameters (default: the input's floating dtype), ``unroll`` (steps per
-    scan iteration, passed to :func:`jax.lax.scan`), ``name``.
+    scan iteration, passed to :func:`jax.lax.scan`), ``projection`` (where
+    ``x_t @ kernel + bias`` runs: ``"each_step"`` inside the scan,
+    ``"all_at_once"`` before it, or None to choose by backend, see the module
+    docstring), ``name``.
 
     The parameter layout and weight transfer from Keras and PyTorch are described
     in the module docstring of ``jaxnn.layers._recurrent``.
@@ -432,7 +442,8 @@ def SimpleRNN(
         "SimpleRNN", "simple_rnn", units, 1, _simple_rnn_core(activation),
         lstm=False, recurrent_bias=False, return_sequences=return_sequences,
         return_state=return_state, kernel_init=kernel_init, recurrent_init=recurrent_init,
-        bias_init=bias_init, forget_bias=False, dtype=dtype, unroll=unroll, name=name,
+        bias_init=bias_init, forget_bias=False, dtype=dtype, unroll=unroll,
+        projection=projection, name=name,
     )
 
 
@@ -447,6 +458,7 @@ def LSTM(
     unit_forget_bias: bool = True,
     dtype: DTypeLike | None = None,
     unroll: int = 1,
+    projection: str | None = None,
     name: str | None = None,
 ) -> Layer:
     """A long short-term memory layer.
@@ -487,7 +499,10 @@ def LSTM(
     Options: ``kernel_init`` (default Glorot uniform), ``recurrent_init``
     (default orthogonal), ``bias_init`` (default zeros), ``dtype`` of the
     parameters (default: the input's floating dtype), ``unroll`` (steps per
-    scan iteration, passed to :func:`jax.lax.scan`), ``name``.
+    scan iteration, passed to :func:`jax.lax.scan`), ``projection`` (where
+    ``x_t @ kernel + bias`` runs: ``"each_step"`` inside the scan,
+    ``"all_at_once"`` before it, or None to choose by backend, see the module
+    docstring), ``name``.
 
     The parameter layout and weight transfer from Keras and PyTorch are described
     in the module docstring of ``jaxnn.layers._recurrent``.
@@ -497,7 +512,7 @@ def LSTM(
         lstm=True, recurrent_bias=False, return_sequences=return_sequences,
         return_state=return_state, kernel_init=kernel_init, recurrent_init=recurrent_init,
         bias_init=bias_init, forget_bias=unit_forget_bias, dtype=dtype, unroll=unroll,
-        name=name,
+        projection=projection, name=name,
     )
 
 
@@ -511,6 +526,7 @@ def GRU(
     bias_init: initializers.Initializer | None = None,
     dtype: DTypeLike | None = None,
     unroll: int = 1,
+    projection: str | None = None,
     name: str | None = None,
 ) -> Layer:
     """A gated recurrent unit layer, the "reset after" variant.
@@ -553,7 +569,10 @@ def GRU(
     Options: ``kernel_init`` (default Glorot uniform), ``recurrent_init``
     (default orthogonal), ``bias_init`` (default zeros), ``dtype`` of the
     parameters (default: the input's floating dtype), ``unroll`` (steps per
-    scan iteration, passed to :func:`jax.lax.scan`), ``name``.
+    scan iteration, passed to :func:`jax.lax.scan`), ``projection`` (where
+    ``x_t @ kernel + bias`` runs: ``"each_step"`` inside the scan,
+    ``"all_at_once"`` before it, or None to choose by backend, see the module
+    docstring), ``name``.
 
     The parameter layout and weight transfer from Keras and PyTorch are described
     in the module docstring of ``jaxnn.layers._recurrent``.
@@ -562,6 +581,7 @@ def GRU(
         "GRU", "gru", units, 3, _gru_core,
         lstm=False, recurrent_bias=True, return_sequences=return_sequences,
         return_state=return_state, kernel_init=kernel_init, recurrent_init=recurrent_init,
-        bias_init=bias_init, forget_bias=False, dtype=dtype, unroll=unroll, name=name,
+        bias_init=bias_init, forget_bias=False, dtype=dtype, unroll=unroll,
+        projection=projection, name=name,
     )
 
