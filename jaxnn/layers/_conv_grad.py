@@ -68,6 +68,13 @@ def _xla_conv(x, w):
                                     dimension_numbers=_dimension_numbers(ndim))
 
 
+def _taps(x, window):
+    """The kernel taps' offsets in row-major order and the output's spatial shape
+    ``S_in - window + 1`` for input ``x`` ``(N, *S_in, C)``."""
+    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
+    return list(itertools.product(*(range(k) for k in window))), out_shape
+
+
 def _window(x, offsets, out_shape, first):
     """The input seen by one kernel tap: spatial axes ``first, first + 1, ...`` of
     ``x`` sliced to ``o_i : o_i + S_i``, the other axes whole."""
@@ -85,11 +92,8 @@ def conv_by_taps(x, w):
     Args: x ``(N, *S_in, C)``, w ``(*K, C, F)``. Returns ``(N, *S_out, F)``.
     """
     *window, c, f = w.shape
-    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
-    m = x.shape[0]
-    for s in out_shape:
-        m *= s
-    taps = list(itertools.product(*(range(k) for k in window)))
+    taps, out_shape = _taps(x, window)
+    m = x.shape[0] * math.prod(out_shape)
     if c < _FEW_CHANNELS:
         channels_first = jnp.moveaxis(x, -1, 0)  # (C, N, *S_in)
         stacked = jnp.stack([_window(channels_first, offs, out_shape, 2) for offs in taps])
@@ -111,8 +115,7 @@ def patches(x, window):
     windows each zero-padded into its own block of channels (one fused loop on
     XLA:CPU, where a concatenation copies every window first).
     """
-    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
-    taps = list(itertools.product(*(range(k) for k in window)))
+    taps, out_shape = _taps(x, window)
     c = x.shape[-1]
     total = None
     for index, offsets in enumerate(taps):
@@ -138,10 +141,9 @@ def _xla_values_and_kernel_tangent(x, w, tw):
 
 def _patches_fit(x, w) -> bool:
     *window, c, _ = w.shape
-    rows = x.shape[0]
-    for size, k in zip(x.shape[1:-1], window):
-        rows *= size - k + 1
-    return rows * math.prod(window) * c * x.dtype.itemsize <= PATCHES_MAX_BYTES
+    taps, out_shape = _taps(x, window)
+    rows = x.shape[0] * math.prod(out_shape)
+    return rows * len(taps) * c * x.dtype.itemsize <= PATCHES_MAX_BYTES
 
 
 def conv_elementwise(x, w):
@@ -151,9 +153,9 @@ def conv_elementwise(x, w):
     Args: x ``(N, *S_in, C)``, w ``(*K, C, F)``. Returns ``(N, *S_out, F)``.
     """
     *window, c, f = w.shape
-    out_shape = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], window))
+    taps, out_shape = _taps(x, window)
     total = None
-    for offsets in itertools.product(*(range(k) for k in window)):
+    for offsets in taps:
         seen = _window(x, offsets, out_shape, 1)
         for channel in range(c):
             term = seen[..., channel:channel + 1] * w[offsets + (channel,)]

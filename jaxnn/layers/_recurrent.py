@@ -346,7 +346,7 @@ def _recurrent_layer(
     _check_units(kind, units)
     if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
         raise ValueError(f"{kind}: unroll must be a positive integer, got {unroll!r}")
-    if not any(projection is p or projection == p for p in _PROJECTIONS):
+    if not isinstance(projection, str | None) or projection not in _PROJECTIONS:
         raise ValueError(f"{kind}: projection must be None (by backend), 'each_step' or "
                          f"'all_at_once', got {projection!r}")
     kernel_init = kernel_init or initializers.glorot_uniform()
