@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnn import host_memory
 from jaxnn._typing import Array, Params, PRNGKey
 from jaxnn.layers._base import Layer
 from jaxnn.training import (
@@ -130,6 +131,7 @@ def fit_many(
     batch_size = min(batch_size, n)
     metric_fns = _metric_table(metrics)
     hyperparams = {name: jnp.asarray(v) for name, v in hyperparams.items()}
+    host_memory.prepare_cpu()
 
     def parts(hp):
         opt = optimizer if isinstance(optimizer, optax.GradientTransformation) else optimizer(hp)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import _sharding
+from jaxnn import _sharding, host_memory
 from jaxnn._typing import Array, Params, PRNGKey, State
 from jaxnn.callbacks import Callback, EpochEnd
 from jaxnn.layers._base import Layer
@@ -439,6 +439,7 @@ def evaluate(
     n = _check_arrays(x, y)
     batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
     metric_fns = _metric_table(metrics)
+    host_memory.prepare_cpu()
     return _evaluate_compiled(model, loss, penalty, metric_fns, batch_size)(
         params, state or {}, jnp.asarray(x) if not isinstance(x, dict) else x,
         jnp.asarray(y) if not isinstance(y, dict) else y,
@@ -504,6 +505,7 @@ def predict(
         raise ValueError(f"output must be 'logits', 'probabilities' or 'classes', got {output!r}")
     n = np.shape(x)[0]
     batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
+    host_memory.prepare_cpu()
     return _predict_compiled(model, batch_size, output)(params, state or {}, jnp.asarray(x))
 
 
@@ -693,6 +695,7 @@ def fit(
     metric_fns = _metric_table(metrics)
     state = {} if state is None else state
     opt_state = optimizer.init(params) if opt_state is None else opt_state
+    host_memory.prepare_cpu()
 
     parallel = None if devices is None else _sharding.data_parallel(devices)
     if streaming:
