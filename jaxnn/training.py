@@ -641,6 +641,10 @@ def fit(
         N CPU devices set ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
         before jax is imported.
 
+    On CPU, ``fit`` first calls :func:`jaxnn.host_memory.keep_freed_memory`
+    (glibc keeps freed memory for reuse, so each compiled call's buffers are not
+    page-faulted afresh; process-wide) unless ``JAXNN_KEEP_FREED_MEMORY=0``.
+
     Returns:
       A :class:`FitResult` with the trained params, state, optimizer state and
       the history of the logged values per epoch.
