@@ -82,6 +82,11 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def applied() -> bool:
+    """Whether :func:`keep_freed_memory` has made its settings in this process."""
+    return _applied
+
+
 def enabled_by_environment() -> bool:
     """False when ``JAXNN_KEEP_FREED_MEMORY`` is ``0`` (or ``false``/``no``/``off``)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -99,4 +104,5 @@ def prepare_cpu() -> bool:
     return keep_freed_memory()
 
 
-__all__ = ["ENV_VAR", "SETTINGS", "enabled_by_environment", "keep_freed_memory", "prepare_cpu"]
+__all__ = ["ENV_VAR", "SETTINGS", "applied", "enabled_by_environment", "keep_freed_memory",
+           "prepare_cpu"]

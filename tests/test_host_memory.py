@@ -65,10 +65,10 @@ FIT_SCRIPT = textwrap.dedent("""
     x = np.ones((8, 4), np.float32)
     y = np.zeros(8, np.int32)
     params = model.init(jax.random.key(0), x)
-    before = host_memory._applied
+    before = host_memory.applied()
     jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
               optimizer=jaxnn.optimizers.sgd(0.1), key=jax.random.key(1), verbose=0)
-    print(json.dumps({"before": before, "after": host_memory._applied}))
+    print(json.dumps({"before": before, "after": host_memory.applied()}))
 """)
 
 
@@ -114,6 +114,7 @@ def test_settings_asked_of_mallopt(monkeypatch):
     monkeypatch.setattr(host_memory, "_applied", False)
     monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: mallopt)
     assert host_memory.keep_freed_memory() is True
+    assert host_memory.applied() is True
     # M_MMAP_MAX (-4) = 0: never mmap; M_TRIM_THRESHOLD (-1): keep up to 2 GiB - 1 free;
     # M_TOP_PAD (-2): grow the heap by 64 MiB at least
     assert sorted(calls) == sorted([(-4, 0), (-1, 2**31 - 1), (-2, 64 * 2**20)])

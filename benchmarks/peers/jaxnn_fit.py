@@ -140,6 +140,10 @@ def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:
     result = _fit(model, params, x, y, spec, plan.epochs, steps_per_call, fit_key,
                   compute_dtype)
     wall = time.perf_counter() - start
+    from jaxnn import host_memory
+
+    notes.append("glibc keeps freed memory (jaxnn.host_memory, set by fit)"
+                 if host_memory.applied() else "allocator left at its defaults")
 
     # On the device once, as the plain-JAX peer does (PyTorch's tensors are in memory too).
     x_test = jax.device_put(model_inputs(spec.kind, data.x_test[:plan.infer_samples]))
