@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -51,8 +52,11 @@ SETTINGS = {
 _applied = False
 
 
+@functools.cache
 def _glibc_mallopt():
-    """glibc's ``mallopt`` as a ctypes function, or None where the C library is not glibc."""
+    """glibc's ``mallopt`` as a ctypes function, or None where the C library is not glibc.
+
+    Looked up once: ``platform.libc_ver`` reads the interpreter's binary."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -87,9 +91,22 @@ def applied() -> bool:
     return _applied
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False}
+
+
 def enabled_by_environment() -> bool:
-    """False when ``JAXNN_KEEP_FREED_MEMORY`` is ``0`` (or ``false``/``no``/``off``)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    """``JAXNN_KEEP_FREED_MEMORY``: unset or ``1``/``true``/``yes``/``on`` (any case)
+    enable; ``0``/``false``/``no``/``off`` disable; anything else is a ValueError."""
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return True
+    switch = _SWITCH.get(value.strip().lower())
+    if switch is None:
+        raise ValueError(f"environment variable {ENV_VAR}={value!r}: expected 1/true/yes/on "
+                         "to keep freed memory for reuse or 0/false/no/off to leave glibc's "
+                         "allocator alone")
+    return switch
 
 
 def prepare_cpu() -> bool:

@@ -135,8 +135,8 @@ def test_without_glibc_it_does_nothing(monkeypatch):
 
 
 @pytest.mark.parametrize("value, enabled", [
-    (None, True), ("1", True), ("yes", True), ("0", False), ("false", False), (" OFF ", False),
-    ("no", False),
+    (None, True), ("1", True), ("yes", True), ("On", True), ("0", False), ("false", False),
+    (" OFF ", False), ("no", False),
 ])
 def test_environment_switch(monkeypatch, value, enabled):
     if value is None:
@@ -144,3 +144,10 @@ def test_environment_switch(monkeypatch, value, enabled):
     else:
         monkeypatch.setenv(host_memory.ENV_VAR, value)
     assert host_memory.enabled_by_environment() is enabled
+
+
+@pytest.mark.parametrize("value", ["", "2", "maybe"])
+def test_environment_switch_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv(host_memory.ENV_VAR, value)
+    with pytest.raises(ValueError, match="JAXNN_KEEP_FREED_MEMORY"):
+        host_memory.enabled_by_environment()
