@@ -30,7 +30,6 @@ from jaxnn.training import (
     MetricFn,
     _check_arrays,
     _check_positive_int,
-    _epoch_unroll,
     _make_step,
     _metric_table,
     epoch_plan,
@@ -144,18 +143,11 @@ def fit_many(
             pen = penalty
         return opt, pen
 
-    # fit's rule for unrolling the epoch's loop, applied to the whole population's
-    # step (the stacked params count K times): 2 steps per iteration only when all
-    # K members together make a small step. MNIST MLP, batch 32, alternating runs:
-    # at K = 1, 171-173k samples/s against 155-157k rolled; at K = 4 and 16,
-    # unrolling was 10-30% slower.
-    unroll = _epoch_unroll(params, batch_size)
-
     def member_epoch(carry, hp, member_key, epoch, data):
         opt, pen = parts(hp)
         step = _make_step(model, loss, opt, pen, metric_fns)
         plan = epoch_plan(jax.random.fold_in(member_key, epoch), n, batch_size, shuffle)
-        return scan_steps(step, carry, data, plan, unroll=unroll)
+        return scan_steps(step, carry, data, plan)
 
     def member_init(p, hp):
         return parts(hp)[0].init(p)
