@@ -24,14 +24,21 @@ from jaxnn._sharding import data_parallel
 from jaxnn.training import fit
 
 WORKER = pathlib.Path(__file__).with_name("data_parallel_worker.py")
+CNN_WORKER = pathlib.Path(__file__).with_name("data_parallel_cnn_worker.py")
 
 
-def test_fit_over_4_cpu_devices_equals_single_device_fit():
+def _forced_devices_env(count, *extra_flags):
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=4"])
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}",
+                                 *extra_flags])
     env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_fit_over_4_cpu_devices_equals_single_device_fit():
+    env = _forced_devices_env(4)
     done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=WORKER.parent)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,6 +70,18 @@ def test_fit_over_4_cpu_devices_equals_single_device_fit():
     assert "batch_size=42" in errors["batch_size=64"]
     assert "capped" in errors["batch_size=64"]
     assert "devices" in errors["streaming"] and "iterable" in errors["streaming"]
+
+
+@pytest.mark.slow
+def test_cnn_over_2_cpu_devices_runs_to_the_end():
+    # 100 calls of 4 steps, each with its all-reduce. XLA's own limit for a
+    # collective waiting on a device that never arrives is 40 s; 10 s fails faster.
+    env = _forced_devices_env(2, "--xla_cpu_collective_call_terminate_timeout_seconds=10",
+                              "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5")
+    done = subprocess.run([sys.executable, str(CNN_WORKER)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=CNN_WORKER.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "ok"
 
 
 @functools.cache
