@@ -649,7 +649,9 @@ def fit(
         device (memory: one copy per device). Validation runs on the first
         device alone. Needs in-memory arrays (not an iterable of batches). For
         N CPU devices set ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-        before jax is imported.
+        before jax is imported. Over CPU devices each compiled call (of
+        ``steps_per_call`` steps) finishes before the next is sent: with calls
+        queued, XLA:CPU's all-reduce could deadlock and abort the process.
 
     On CPU, ``fit`` first calls :func:`jaxnn.host_memory.keep_freed_memory`
     (glibc keeps freed memory for reuse, so each compiled call's buffers are not
