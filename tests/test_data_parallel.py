@@ -1,9 +1,10 @@
 """fit(devices=...): data-parallel training against single-device fit.
 
 This process has one CPU device (XLA_FLAGS must be set before jax is imported),
-so the multi-device runs happen in one subprocess with 4 forced CPU devices
-(tests/data_parallel_worker.py), which prints its findings as JSON. The input
-checks that need no second device run here.
+so the multi-device runs happen in subprocesses: one with 4 forced CPU devices
+(tests/data_parallel_worker.py), which prints its findings as JSON, and one that
+trains the MNIST CNN on 2 (tests/data_parallel_cnn_worker.py) to check that many
+queued calls run to the end. The input checks that need no second device run here.
 """
 
 import functools
@@ -74,7 +75,7 @@ def test_fit_over_4_cpu_devices_equals_single_device_fit():
 
 @pytest.mark.slow
 def test_cnn_over_2_cpu_devices_runs_to_the_end():
-    # 100 calls of 4 steps, each with its all-reduce. XLA's own limit for a
+    # 200 calls of 4 steps, each with its all-reduce. XLA's own limit for a
     # collective waiting on a device that never arrives is 40 s; 10 s fails faster.
     env = _forced_devices_env(2, "--xla_cpu_collective_call_terminate_timeout_seconds=10",
                               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5")
