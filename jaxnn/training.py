@@ -322,7 +322,7 @@ class _Trainer:
         # all-reduce waited for the other device, which never arrived (MNIST CNN, 4
         # steps per call, 2 forced devices on 2 cores: about half of the runs of 200
         # calls; every device's part runs on the one shared thread pool). Waiting for
-        # each call: 20 such runs, none aborted, at the same speed. See RESULTS.md.
+        # each call: 23 such runs, none aborted, at the same speed. See RESULTS.md.
         self.wait_each_call = data_parallel is not None and all(
             d.platform == "cpu" for d in data_parallel.mesh.devices.flat)
         self.shuffle = shuffle

@@ -75,7 +75,7 @@ def test_fit_over_4_cpu_devices_equals_single_device_fit():
 
 @pytest.mark.slow
 def test_cnn_over_2_cpu_devices_runs_to_the_end():
-    # 200 calls of 4 steps, each with its all-reduce. XLA's own limit for a
+    # 400 calls of 4 steps, each with its all-reduce. XLA's own limit for a
     # collective waiting on a device that never arrives is 40 s; 10 s fails faster.
     env = _forced_devices_env(2, "--xla_cpu_collective_call_terminate_timeout_seconds=10",
                               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5")
