@@ -35,6 +35,7 @@ from jaxnn.activations import (
     swish,
     tanh,
 )
+from jaxnn.checkpoint import resume
 from jaxnn.gradcheck import check_grads
 from jaxnn.layers import (
     GRU,
@@ -64,7 +65,7 @@ from jaxnn.layers import (
 )
 from jaxnn.population import fit_many, init_many
 from jaxnn.summary import count_params, summarize
-from jaxnn.training import FitResult, evaluate, fit, predict, resume
+from jaxnn.training import FitResult, evaluate, fit, predict
 
 __version__ = "0.1.0"
 

@@ -114,7 +114,7 @@ class ModelCheckpoint(Callback):
 
     Each file holds params, state, optimizer state, the number of epochs done,
     the training key and the history so far; writes are atomic (see
-    :mod:`jaxnn.checkpoint`). Resume with :func:`jaxnn.training.resume`.
+    :mod:`jaxnn.checkpoint`). Resume with :func:`jaxnn.checkpoint.resume`.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3) -> None:

@@ -783,20 +783,3 @@ def fit(
     for callback in callbacks:
         result = callback.on_train_end(result)
     return result
-
-
-def resume(directory, *, params: Params, state: State | None = None, opt_state: Any = None):
-    """Load the latest checkpoint in ``directory`` written by :class:`ModelCheckpoint`.
-
-    ``params``, ``state`` and ``opt_state`` are templates (e.g. freshly
-    initialised values) giving the structure to restore into. Returns the
-    :class:`jaxnn.checkpoint.Checkpoint`, or None when the directory holds none.
-    Continue with ``fit(..., params=ckpt.params, state=ckpt.state,
-    opt_state=ckpt.opt_state, key=ckpt.key, initial_epoch=ckpt.epoch)``.
-    """
-    from jaxnn.checkpoint import CheckpointManager
-
-    target: dict[str, Any] = {"params": params, "state": state or {}}
-    if opt_state is not None:
-        target["opt_state"] = opt_state
-    return CheckpointManager(directory, max_to_keep=None).restore_latest(target=target)

@@ -181,7 +181,7 @@ def test_fit_argument_errors():
 
 def test_resume_from_checkpoint_gives_the_same_parameters(tmp_path):
     from jaxnn.callbacks import ModelCheckpoint
-    from jaxnn.training import resume
+    from jaxnn.checkpoint import resume
 
     x, y = _data(n=48)
     x = x.astype(np.float32)
