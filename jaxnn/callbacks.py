@@ -17,6 +17,23 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass
+class TrainBegin:
+    """What a callback sees before the first epoch.
+
+    ``initial_epoch`` is the epoch training starts at (0, or the checkpoint's
+    epoch when resuming) and ``epochs`` the epoch count it runs to; ``params``,
+    ``state``, ``opt_state`` and ``key`` are the values training starts from.
+    """
+
+    initial_epoch: int
+    epochs: int
+    params: Params
+    state: State
+    opt_state: Any
+    key: PRNGKey
+
+
+@dataclasses.dataclass
 class EpochEnd:
     """What a callback sees at the end of an epoch.
 
@@ -38,8 +55,9 @@ class EpochEnd:
 class Callback:
     """Base class for callbacks: override what you need."""
 
-    def on_train_begin(self) -> None:
-        """Called once before the first epoch."""
+    def on_train_begin(self, info: TrainBegin | None = None) -> None:
+        """Called once before the first epoch (``info`` may be None when called
+        by code that predates it)."""
 
     def on_epoch_end(self, info: EpochEnd) -> bool:
         """Called after every epoch; return True to stop training."""
@@ -48,6 +66,10 @@ class Callback:
     def on_train_end(self, result: FitResult) -> FitResult:
         """Called once at the end; may replace the result."""
         return result
+
+    def on_train_interrupted(self, result: FitResult) -> None:
+        """Called when Ctrl-C (KeyboardInterrupt) stops training, with the result
+        of the last completed epoch (its arrays are valid); ``fit`` then re-raises."""
 
 
 def _copy(tree: Any) -> Any:
@@ -78,7 +100,7 @@ class EarlyStopping(Callback):
         self.maximize = mode == "max" or (mode == "auto" and "acc" in monitor)
         self.restore_best = restore_best
 
-    def on_train_begin(self) -> None:
+    def on_train_begin(self, info: TrainBegin | None = None) -> None:
         self.best = -math.inf if self.maximize else math.inf
         self.best_epoch = -1
         self.wait = 0
