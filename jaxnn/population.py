@@ -11,8 +11,10 @@ hyperparameters: the population is a speed-up, not a different algorithm.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import host_memory
+from jaxnn import _loss_forms, host_memory
 from jaxnn._typing import Array, Params, PRNGKey
 from jaxnn.layers._base import Layer
 from jaxnn.training import (
+    _NONFINITE_WHAT,
+    _ON_NONFINITE,
     FitResult,
     LossFn,
     MetricFn,
+    NonFiniteError,
     _check_arrays,
     _check_positive_int,
     _make_step,
@@ -94,6 +99,7 @@ def fit_many(
     validation_data: tuple[Any, Any] | None = None,
     shuffle: bool = True,
     verbose: int = 1,
+    on_nonfinite: str = "raise",
 ) -> FitResult:
     """Train a population of K models of the same architecture in one program.
 
@@ -117,6 +123,12 @@ def fit_many(
       penalty: ``penalty(params)`` as in ``fit``; when ``hyperparams`` is given,
         ``penalty(params, hyperparams)`` (e.g. ``lambda p, hp: hp["l2"] * l2(1.0)(p)``).
       validation_data: ``(x_val, y_val)`` evaluated for every member each epoch.
+      on_nonfinite: as in :func:`jaxnn.fit`: at the first step where the loss or
+        the gradient of any member is NaN or inf, training stops for the whole
+        population; :class:`jaxnn.training.NonFiniteError` (or, with ``"warn"``,
+        a warning and the returned result) names the members, the epoch and the
+        step, and its ``result`` holds every member's values from before that step.
+        ``"ignore"``: no check.
 
     Returns:
       A :class:`jaxnn.FitResult` whose params and optimizer state have the
@@ -125,6 +137,10 @@ def fit_many(
     """
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+    guard = on_nonfinite != "ignore"
+    loss = _loss_forms.weighted(loss, "loss")
     hyperparams = dict(hyperparams or {})
     members = _population_size(params, key, hyperparams)
     n = _check_arrays(x, y)
@@ -143,25 +159,32 @@ def fit_many(
             pen = penalty
         return opt, pen
 
-    def member_epoch(carry, hp, member_key, epoch, data):
+    def member_epoch(carry, hp, member_key, epoch, data, length=None):
         opt, pen = parts(hp)
-        step = _make_step(model, loss, opt, pen, metric_fns)
+        step = _make_step(model, loss, opt, pen, metric_fns, guard=guard)
         plan = epoch_plan(jax.random.fold_in(member_key, epoch), n, batch_size, shuffle)
+        if length is not None:  # the epoch's first `length` steps (to replay up to a bad step)
+            plan = jax.tree_util.tree_map(lambda a: a[:length], plan)
         return scan_steps(step, carry, data, plan)
 
     def member_init(p, hp):
         return parts(hp)[0].init(p)
 
     key_axis = None if _is_single_key(key) else 0
-    run_epoch = jax.jit(jax.vmap(member_epoch, in_axes=(0, 0, key_axis, None, None)),
-                        donate_argnums=(0,))
+
+    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("length",))
+    def run_epoch(carry, hp, member_key, epoch, data, length=None):
+        one = functools.partial(member_epoch, length=length)
+        return jax.vmap(one, in_axes=(0, 0, key_axis, None, None))(carry, hp, member_key,
+                                                                   epoch, data)
+
     data = jax.tree_util.tree_map(jnp.asarray, (x, y))
     opt_state = jax.jit(jax.vmap(member_init))(params, hyperparams)
     carry = (jax.tree_util.tree_map(jnp.array, params), {}, opt_state)
 
     validate = None
     if validation_data is not None:
-        n_val = _check_arrays(*validation_data, "validation_data")
+        n_val = _check_arrays(*validation_data, "validation_data[0]", "validation_data[1]")
         val_data = jax.tree_util.tree_map(jnp.asarray, tuple(validation_data))
 
         def member_eval(p, hp, xv, yv):
@@ -182,7 +205,26 @@ def fit_many(
     history: dict[str, list] = {}
     for epoch in range(epochs):
         start = time.perf_counter()
+        epoch_start = jax.tree_util.tree_map(jnp.copy, carry)  # `carry` is donated
         carry, sums = compiled(carry, hyperparams, key, epoch, data)
+        sums = jax.device_get(sums)
+        if guard and np.any(sums["_nonfinite"]):
+            bad = np.flatnonzero(sums["_nonfinite"])
+            step = int(np.min(sums["_nonfinite_at"][bad]))
+            first = bad[sums["_nonfinite_at"][bad] == step]
+            good = epoch_start if step == 0 else run_epoch(epoch_start, hyperparams, key, epoch,
+                                                           data, length=step)[0]
+            result = FitResult(*good, history, epoch, key, compile_seconds)
+            what = _NONFINITE_WHAT[int(sums["_nonfinite"][first[0]])]
+            message = (f"fit_many: {what} NaN or inf for member(s) {first.tolist()} at epoch "
+                       f"{epoch + 1}/{epochs}, step {step + 1} (counting from 1); training "
+                       f"stopped there for all {members} members. Members that fail: "
+                       f"{bad.tolist()}. The values from before that step are in "
+                       f"{'the returned result' if on_nonfinite == 'warn' else 'error.result'}")
+            if on_nonfinite == "raise":
+                raise NonFiniteError(message, result, epoch, step, what)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return result
         logs = means(sums)
         seconds = time.perf_counter() - start
         if validate is not None:

@@ -17,9 +17,11 @@ exactly the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -28,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import _sharding, host_memory
+from jaxnn import _data_checks, _loss_forms, _sharding, host_memory
 from jaxnn._typing import Array, Params, PRNGKey, State
-from jaxnn.callbacks import Callback, EpochEnd
+from jaxnn.callbacks import Callback, EpochEnd, TrainBegin
 from jaxnn.layers._base import Layer
 
 LossFn = Callable[..., Array]
@@ -60,6 +62,43 @@ class FitResult(NamedTuple):
     compile_seconds: float = 0.0
 
 
+class NonFiniteError(FloatingPointError):
+    """Training met a loss or a gradient that is NaN or inf.
+
+    Attributes:
+      result: a :class:`FitResult` at the last good point: the params, state and
+        optimizer state before the failing step (``step`` steps into epoch
+        ``epoch``), and the history of the epochs completed before it.
+      epoch: the failing epoch, counting from 0 (``result.epoch`` equals it).
+      step: the failing step within that epoch, counting from 0.
+      what: ``"the loss is"``, ``"the gradient is"`` or ``"the loss and the gradient
+        are"`` (NaN or inf).
+    """
+
+    def __init__(self, message: str, result: FitResult, epoch: int, step: int, what: str):
+        super().__init__(message)
+        self.result = result
+        self.epoch = epoch
+        self.step = step
+        self.what = what
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (``KeyboardInterrupt``) stopped :func:`fit`; ``result`` is the
+    :class:`FitResult` of the last completed epoch (``result.epoch`` epochs done),
+    ready to resume from with ``initial_epoch=result.epoch``. A ``except
+    KeyboardInterrupt`` clause catches it as before."""
+
+    def __init__(self, result: FitResult):
+        super().__init__(f"training interrupted after {result.epoch} completed epoch(s); "
+                         "the exception's .result holds them")
+        self.result = result
+
+
+_NONFINITE_WHAT = {1: "the loss is", 2: "the gradient is", 3: "the loss and the gradient are"}
+_ON_NONFINITE = ("raise", "warn", "ignore")
+
+
 # --------------------------------------------------------------------------
 # Metrics and losses as used inside the compiled step
 # --------------------------------------------------------------------------
@@ -77,7 +116,8 @@ def _metric_table(metrics: Sequence[str | MetricFn]) -> dict[str, MetricFn]:
                                  "jaxnn.metrics (e.g. 'accuracy') or a function")
             table[metric] = fn
         elif callable(metric):
-            table[getattr(metric, "__name__", "metric")] = metric
+            table[getattr(metric, "__name__", "metric")] = _loss_forms.weighted(metric,
+                                                                                "metrics")
         else:
             raise TypeError(f"metrics: expected names or functions, got {metric!r}")
     return table
@@ -92,18 +132,32 @@ def _weighted(fn: Callable, predictions, targets, weights) -> Array:
 # --------------------------------------------------------------------------
 
 
-def _check_arrays(x, y, what: str = "x") -> int:
+def _check_arrays(x, y, x_name: str = "x", y_name: str = "y") -> int:
+    """The number of examples in ``(x, y)``, after checking that both are numeric
+    arrays (or dicts of them) with the same, nonzero, leading axis."""
+    _data_checks.check_array_tree(x, x_name)
+    _data_checks.check_array_tree(y, y_name, labels=True)
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     for leaf in jax.tree_util.tree_leaves((x, y)):
         if leaf.shape[0] != n:
             raise ValueError(
-                f"{what} and its targets must have the same number of examples: got "
+                f"{x_name} and {y_name} must have the same number of examples: got "
                 f"{n} and {leaf.shape[0]} (shapes "
                 f"{[np.shape(a) for a in jax.tree_util.tree_leaves((x, y))]})"
             )
     if n == 0:
-        raise ValueError(f"{what} has no examples")
+        raise ValueError(f"{x_name} has no examples (its leading axis has length 0)")
     return n
+
+
+def _check_data(model, params, state, x, y, x_name="x", y_name="y") -> None:
+    """NaN/inf in ``x`` or ``y``, and class labels outside the model's range: errors
+    naming the argument, the value and its index (see :mod:`jaxnn._data_checks`)."""
+    _data_checks.check_finite(x, x_name)
+    _data_checks.check_finite(y, y_name)
+    if not isinstance(y, dict):
+        _data_checks.check_labels(
+            y, _data_checks.class_scores_shape(model, params, state, x), y_name)
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -150,14 +204,26 @@ def _check_compute_dtype(compute_dtype) -> jnp.dtype | None:
 # --------------------------------------------------------------------------
 
 
+def _nonfinite_code(value, grads) -> Array:
+    """0 when the loss and every gradient entry are finite; else 1 (loss), 2
+    (gradient) or 3 (both), as an int32 scalar."""
+    grad_ok = jnp.array(True)
+    for g in jax.tree_util.tree_leaves(grads):
+        if jnp.issubdtype(g.dtype, jnp.inexact):
+            grad_ok = grad_ok & jnp.all(jnp.isfinite(g))
+    return (jnp.logical_not(jnp.isfinite(value)).astype(jnp.int32)
+            + 2 * jnp.logical_not(grad_ok).astype(jnp.int32))
+
+
 def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformation,
                penalty: Callable[[Params], Array] | None, metric_fns: dict[str, MetricFn],
                value_and_grad: ValueAndGradFn | None = None,
-               compute_dtype: jnp.dtype | None = None):
+               compute_dtype: jnp.dtype | None = None, guard: bool = False):
     """``step(carry, batch) -> (carry, sums)`` for one optimisation step.
 
     ``carry = (params, state, opt_state)``; ``batch = (x, y, weights, key)``;
-    ``sums`` holds the weight total and the weighted sums of loss and metrics.
+    ``sums`` holds the weight total and the weighted sums of loss and metrics,
+    and with ``guard`` ``"_nonfinite"``: :func:`_nonfinite_code` of the step.
     The gradient is ``jax.value_and_grad`` of the model's loss, or, when
     ``value_and_grad`` is given, what that function returns (the state is kept).
 
@@ -199,6 +265,8 @@ def _make_step(model: Layer, loss: LossFn, optimizer: optax.GradientTransformati
         sums = {"_weight": total, "loss": value * total}
         for name, fn in metric_fns.items():
             sums[name] = _weighted(fn, predictions, y, weights) * total
+        if guard:
+            sums["_nonfinite"] = _nonfinite_code(value, grads)
         return (params, state, opt_state), sums
 
     return step
@@ -234,6 +302,10 @@ def scan_steps(step, carry, data, plan, *, straight_line: bool = False, unroll: 
     ``straight_line=True`` writes the steps out as straight-line code instead
     (XLA:CPU runs convolutions slower inside a loop than outside one, even a loop
     of one step).
+
+    A step's ``"_nonfinite"`` code is not summed: the result holds the code of
+    the first step with a nonzero one (0 if none) and, as ``"_nonfinite_at"``,
+    that step's position in ``plan``.
     """
 
     def body(carry, batch):
@@ -242,12 +314,19 @@ def scan_steps(step, carry, data, plan, *, straight_line: bool = False, unroll: 
         return step(carry, (x, y, weights, key))
 
     if not straight_line:
-        carry, sums = jax.lax.scan(body, carry, plan, unroll=unroll)
-        return carry, jax.tree_util.tree_map(jnp.sum, sums)
-    totals = None
-    for i in range(plan[0].shape[0]):
-        carry, sums = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], plan))
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        carry, per_step = jax.lax.scan(body, carry, plan, unroll=unroll)
+        codes = per_step.pop("_nonfinite", None)
+        totals = jax.tree_util.tree_map(jnp.sum, per_step)
+    else:
+        totals, codes = None, []
+        for i in range(plan[0].shape[0]):
+            carry, sums = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], plan))
+            codes.append(sums.pop("_nonfinite", None))
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        codes = None if codes[0] is None else jnp.stack(codes)
+    if codes is not None:
+        at = jnp.argmax(codes > 0)
+        totals["_nonfinite"], totals["_nonfinite_at"] = codes[at], at.astype(jnp.int32)
     return carry, totals
 
 
@@ -305,13 +384,13 @@ class _Trainer:
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
                  shuffle, steps_per_call, value_and_grad=None, data_parallel=None,
-                 compute_dtype=None, scan_unroll=1):
+                 compute_dtype=None, scan_unroll=1, guard=False):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
         self.chunk = self.steps if steps_per_call is None else min(steps_per_call, self.steps)
         step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
-                          compute_dtype)
+                          compute_dtype, guard)
         # Over several devices (jaxnn._sharding): the same step, with each batch split
         # over them and the carry replicated; None keeps the single-device program as is.
         self.data_parallel = data_parallel
@@ -354,49 +433,95 @@ class _Trainer:
             self._compiled[length] = program
         return program
 
-    def epoch(self, carry, data, key):
-        if self.data_parallel is not None:  # replicate (once: then a no-op)
-            carry = self.data_parallel.put(carry)
-        if self._plan_compiled is None:
-            start = time.perf_counter()
-            self._plan_compiled = self.plan.lower(key).compile()
-            self.compile_seconds += time.perf_counter() - start
-        plan = self._plan_compiled(key)
-        starts = range(0, self.steps, self.chunk)
-        lengths = [min(self.chunk, self.steps - start) for start in starts]
+    def _chunks(self, steps: int):
+        """``(start, length)`` of the compiled calls that run the first ``steps`` steps."""
+        return [(start, min(self.chunk, steps - start)) for start in range(0, steps, self.chunk)]
+
+    def _run(self, carry, data, plan, steps):
+        """Run the first ``steps`` steps of ``plan``: ``(carry, [(start, sums), ...])``."""
+        chunks = self._chunks(steps)
         # Compile every program this epoch needs before running any, so compile time
         # does not overlap (asynchronously dispatched) training and can be told apart.
-        for length in sorted(set(lengths)):
+        for length in sorted({length for _, length in chunks}):
             self._program(length, carry, data, *plan, jnp.int32(0))
-        totals = None
-        for start, length in zip(starts, lengths):
+        results = []
+        for start, length in chunks:
             args = (carry, data, *plan, jnp.int32(start))
             carry, sums = self._program(length, *args)(*args)
             if self.wait_each_call:
                 jax.block_until_ready(sums)
-            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        return carry, totals
+            results.append((start, sums))
+        return carry, results
+
+    def _epoch_plan(self, key):
+        if self._plan_compiled is None:
+            start = time.perf_counter()
+            self._plan_compiled = self.plan.lower(key).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self._plan_compiled(key)
+
+    def epoch(self, carry, data, key):
+        """One epoch: ``(carry, sums, chunks)``; ``sums`` adds up every call's sums and
+        ``chunks`` lists ``(first step, sums)`` per call (see :func:`first_nonfinite`)."""
+        if self.data_parallel is not None:  # replicate (once: then a no-op)
+            carry = self.data_parallel.put(carry)
+        carry, chunks = self._run(carry, data, self._epoch_plan(key), self.steps)
+        totals = functools.reduce(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
+                                  [sums for _, sums in chunks])
+        return carry, totals, chunks
+
+    def replay(self, carry, data, key, steps):
+        """The carry after the first ``steps`` steps of the epoch of ``key``, run from
+        ``carry`` (the epoch's starting point) by the same compiled calls."""
+        if self.data_parallel is not None:
+            carry = self.data_parallel.put(carry)
+        return self._run(carry, data, self._epoch_plan(key), steps)[0] if steps else carry
+
+
+def first_nonfinite(chunks) -> tuple[int, int] | None:
+    """``(step, code)`` of the first step whose ``"_nonfinite"`` code is nonzero, from
+    ``[(first step of the call, sums of the call), ...]``; None when every step is finite."""
+    codes = jax.device_get([(sums["_nonfinite"], sums["_nonfinite_at"]) for _, sums in chunks])
+    for (start, _), (code, at) in zip(chunks, codes):
+        if code:
+            return start + int(at), int(code)
+    return None
 
 
 class _StreamTrainer:
     """The jitted per-step path for data given as an iterable of ``(x, y)`` batches.
 
     Every batch is padded to the size of the first one (padded rows weigh 0), so
-    a ragged last batch does not cause a recompilation.
+    a ragged last batch does not cause a recompilation. With ``guard``, the first
+    step whose loss or gradient is not finite leaves the carry as it was, and so
+    does every later step of the epoch: the epoch ends at the last good point.
     """
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, value_and_grad=None,
-                 compute_dtype=None):
+                 compute_dtype=None, guard=False):
         step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
-                          compute_dtype)
-        self.step = jax.jit(step, donate_argnums=(0,))
+                          compute_dtype, guard)
+
+        def guarded_step(carry, halt, batch, index):
+            new_carry, sums = step(carry, batch)
+            code = sums.pop("_nonfinite")
+            first = (halt[0] == 0) & (code > 0)
+            halt = (jnp.where(first, code, halt[0]), jnp.where(first, index, halt[1]))
+            new_carry = jax.tree_util.tree_map(lambda new, old: jnp.where(halt[0] > 0, old, new),
+                                               new_carry, carry)
+            return new_carry, halt, sums
+
+        self.guard = guard
+        self.step = jax.jit(guarded_step if guard else step, donate_argnums=(0,))
         self.batch_size: int | None = None
         self.compile_seconds = 0.0  # not separated from the first step on this path
 
     def epoch(self, carry, batches, key):
+        """One epoch: ``(carry, sums, chunks)`` as :meth:`_Trainer.epoch` returns them."""
         totals = None
+        halt = (jnp.int32(0), jnp.int32(0))
         for index, (xb, yb) in enumerate(batches):
-            m = _check_arrays(xb, yb, "a batch")
+            m = _check_arrays(xb, yb, f"batch {index} x", f"batch {index} y")
             if self.batch_size is None:
                 self.batch_size = m
             if m > self.batch_size:
@@ -410,11 +535,19 @@ class _StreamTrainer:
 
             xb, yb = jax.tree_util.tree_map(padded, (xb, yb))
             weights = (jnp.arange(self.batch_size) < m).astype(jnp.float32)
-            carry, sums = self.step(carry, (xb, yb, weights, jax.random.fold_in(key, index)))
+            batch = (xb, yb, weights, jax.random.fold_in(key, index))
+            if self.guard:
+                carry, halt, sums = self.step(carry, halt, batch, jnp.int32(index))
+            else:
+                carry, sums = self.step(carry, batch)
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
         if totals is None:
             raise ValueError("the iterable of batches gave no batch in this epoch")
-        return carry, totals
+        chunks = []
+        if self.guard:
+            chunks = [(0, {"_nonfinite": halt[0], "_nonfinite_at": halt[1]})]
+            totals["_nonfinite"] = halt[0]
+        return carry, totals, chunks
 
 
 def _logs_from_sums(sums: Mapping[str, Array], names: Sequence[str]) -> dict[str, float]:
@@ -444,11 +577,15 @@ def evaluate(
     """Mean loss and metrics over ``(x, y)`` in inference mode (``train=False``).
 
     Returns ``{"loss": ..., "accuracy": ...}``. The loss includes ``penalty(params)``
-    when a penalty is given (as ``fit`` reports it).
+    when a penalty is given (as ``fit`` reports it). ``loss`` and ``metrics`` take
+    the forms :func:`fit` takes; ``x`` and ``y`` are checked as ``fit`` checks them.
     """
     n = _check_arrays(x, y)
+    state = state or {}
+    _check_data(model, params, state, x, y)
     batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
     metric_fns = _metric_table(metrics)
+    loss = _loss_forms.weighted(loss, "loss")
     host_memory.prepare_cpu()
     return _evaluate_compiled(model, loss, penalty, metric_fns, batch_size)(
         params, state or {}, jnp.asarray(x) if not isinstance(x, dict) else x,
@@ -510,13 +647,24 @@ def predict(
       output: ``"logits"`` (the model's raw output), ``"probabilities"`` (softmax
         over the last axis, for models that output logits) or ``"classes"``
         (argmax over the last axis).
+
+    Zero examples give an empty array shaped like the output, ``(0, ...)``.
     """
     if output not in ("logits", "probabilities", "classes"):
         raise ValueError(f"output must be 'logits', 'probabilities' or 'classes', got {output!r}")
+    _data_checks.check_array_tree(x, "x")
+    if isinstance(x, dict):
+        raise TypeError("predict: x must be one array (a dict of inputs is not supported here)")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    state = state or {}
     n = np.shape(x)[0]
-    batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
+    if n == 0:  # no examples: an empty result shaped like the model's output
+        one = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), x.dtype)
+        out = jax.eval_shape(lambda p, s, xb: _predict_compiled(model, 1, output)(p, s, xb),
+                             params, state, one)
+        return jnp.zeros((0, *out.shape[1:]), out.dtype)
     host_memory.prepare_cpu()
-    return _predict_compiled(model, batch_size, output)(params, state or {}, jnp.asarray(x))
+    return _predict_compiled(model, min(batch_size, n), output)(params, state, jnp.asarray(x))
 
 
 @functools.lru_cache(maxsize=32)
@@ -580,13 +728,17 @@ def fit(
     value_and_grad: ValueAndGradFn | None = None,
     compute_dtype: jnp.dtype | None = None,
     devices: int | Sequence[jax.Device] | None = None,
+    on_nonfinite: str = "raise",
 ) -> FitResult:
     """Train ``model`` on in-memory arrays ``(x, y)``.
 
-    Each step minimises ``loss(model(params, x_batch), y_batch, weights=w) +
-    penalty(params)`` with ``optimizer`` (any optax gradient transformation:
-    jaxnn's own or optax's). The loss must accept a ``weights`` keyword
-    (per-example weights; all of :mod:`jaxnn.losses` do) and metrics likewise.
+    Each step minimises the mean of ``loss(model(params, x_batch), y_batch)``
+    over the batch plus ``penalty(params)`` with ``optimizer`` (any optax
+    gradient transformation: jaxnn's own or optax's).
+
+    ``x`` and ``y`` are checked once before training: numeric arrays with the
+    same number of examples, no NaN or inf, and integer class labels inside the
+    model's class range; each error names the argument, the value and its index.
 
     Args:
       model: the model; ``params`` (and ``state``) as returned by its init.
@@ -594,8 +746,13 @@ def fit(
         For data too large for memory, pass ``y=None`` and as ``x`` either a
         function ``epoch -> iterable of (x_batch, y_batch)`` or a re-iterable
         collection of batches; each batch then runs through one jitted step.
-      loss: e.g. ``jaxnn.losses.sparse_softmax_cross_entropy`` for integer labels
-        and a model that outputs logits.
+      loss: e.g. ``jaxnn.losses.sparse_softmax_cross_entropy`` (or its name as a
+        string) for integer labels and a model that outputs logits. Three forms:
+        a name from :mod:`jaxnn.losses`; a function with a ``weights=`` keyword
+        returning the weighted mean (as jaxnn's losses); or a function of
+        ``(predictions, targets)`` returning one value per example, shape
+        ``(batch,)`` (as optax's losses), which ``fit`` weights itself. Metrics
+        take the same forms.
       optimizer: e.g. ``jaxnn.optimizers.adam(1e-3)`` or ``optax.adam(1e-3)``.
       key: PRNG key for shuffling and dropout; epoch ``e`` uses ``fold_in(key, e)``.
       epochs: train until this epoch count is reached (counting ``initial_epoch``).
@@ -609,7 +766,8 @@ def fit(
       validation_split: alternatively, this fraction of the examples (the last
         ones, before shuffling, as Keras) is held out for validation.
       initial_epoch: the epoch to start at (to resume from a checkpoint).
-      callbacks: e.g. :class:`EarlyStopping`, :class:`CheckpointEveryEpoch`.
+      callbacks: e.g. :class:`jaxnn.callbacks.EarlyStopping`,
+        :class:`jaxnn.callbacks.ModelCheckpoint`.
       shuffle: reshuffle the examples every epoch.
       steps_per_call: how many optimisation steps one compiled call runs.
         ``"epoch"``: the whole epoch as one compiled program (a rolled loop). An
@@ -653,6 +811,19 @@ def fit(
         ``steps_per_call`` steps) finishes before the next is sent: with calls
         queued, XLA:CPU's all-reduce could deadlock and abort the process.
 
+      on_nonfinite: what to do when a step's loss or gradient is NaN or inf
+        (checked inside the compiled epoch). ``"raise"`` (default): stop and
+        raise :class:`NonFiniteError`, naming the epoch and the step; its
+        ``result`` holds the params, state and optimizer state from before that
+        step. ``"warn"``: the same, as a warning, and return that result.
+        ``"ignore"``: no check (the old behaviour). Callbacks never see a
+        non-finite epoch, so :class:`ModelCheckpoint` never saves one.
+
+    Ctrl-C: a ``KeyboardInterrupt`` during ``fit`` is raised as
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) whose ``result`` holds
+    the last completed epoch; callbacks get ``on_train_interrupted(result)``
+    first, and :class:`ModelCheckpoint` saves it if it has not yet.
+
     On CPU, ``fit`` first calls :func:`jaxnn.host_memory.keep_freed_memory`
     (glibc keeps freed memory for reuse, so each compiled call's buffers are not
     page-faulted afresh; process-wide) unless ``JAXNN_KEEP_FREED_MEMORY=0``.
@@ -663,6 +834,12 @@ def fit(
     """
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+    guard = on_nonfinite != "ignore"
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int | np.integer) or (
+            initial_epoch < 0):
+        raise ValueError(f"initial_epoch must be an integer >= 0, got {initial_epoch!r}")
     whole_epoch = isinstance(steps_per_call, str) and steps_per_call == "epoch"
     if steps_per_call is not None and not whole_epoch:
         if isinstance(steps_per_call, str):
@@ -687,6 +864,8 @@ def fit(
         hasattr(optimizer, "init") and hasattr(optimizer, "update")
     ):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    loss = _loss_forms.weighted(loss, "loss")
+    state = {} if state is None else state
     streaming = y is None
     if streaming:
         if validation_split:
@@ -698,6 +877,7 @@ def fit(
         n = batch_size  # only used to size validation batches
     else:
         n = _check_arrays(x, y)
+        _check_data(model, params, state, x, y)
     if validation_split:
         n_val = int(n * validation_split)
         if n_val == 0 or n_val == n:
@@ -709,7 +889,6 @@ def fit(
     batch_size = min(batch_size, n)
     callbacks = list(callbacks)
     metric_fns = _metric_table(metrics)
-    state = {} if state is None else state
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     host_memory.prepare_cpu()
 
@@ -720,7 +899,7 @@ def fit(
                              "batches given as an iterable (y=None) run on one device, so "
                              "pass devices=None there")
         trainer = _StreamTrainer(model, loss, optimizer, penalty, metric_fns, value_and_grad,
-                                 compute_dtype=compute_dtype)
+                                 compute_dtype=compute_dtype, guard=guard)
     else:
         if parallel is None:
             data = jax.tree_util.tree_map(jnp.asarray, (x, y))
@@ -734,11 +913,16 @@ def fit(
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
                            shuffle, steps_per_call, value_and_grad, data_parallel=parallel,
                            compute_dtype=compute_dtype,
-                           scan_unroll=_epoch_unroll(params, batch_size))
+                           scan_unroll=_epoch_unroll(params, batch_size), guard=guard)
     validate = None
     if validation_data is not None:
+        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+            raise TypeError("validation_data must be a pair (x_val, y_val), got "
+                            f"{type(validation_data).__name__}")
         x_val, y_val = validation_data
-        n_val = _check_arrays(x_val, y_val, "validation_data")
+        n_val = _check_arrays(x_val, y_val, "validation_data[0]", "validation_data[1]")
+        _check_data(model, params, state, x_val, y_val, "validation_data[0]",
+                    "validation_data[1]")
         val_data = jax.tree_util.tree_map(jnp.asarray, (x_val, y_val))
         validate = _evaluate_compiled(model, loss, penalty, metric_fns,
                                       min(max(batch_size, 1000), n_val))
@@ -750,36 +934,83 @@ def fit(
     # caller's params, state and optimizer state stay valid.
     carry = jax.tree_util.tree_map(jnp.array, (params, state, opt_state))
     epoch = initial_epoch
-    for callback in callbacks:
-        callback.on_train_begin()
-    while epoch < epochs:
-        start = time.perf_counter()
-        compiling = trainer.compile_seconds
-        epoch_key = jax.random.fold_in(key, epoch)
-        if streaming:
-            carry, sums = trainer.epoch(carry, batches_for(epoch), epoch_key)
-        else:
-            carry, sums = trainer.epoch(carry, data, epoch_key)
-        logs = _logs_from_sums(sums, list(metric_fns))  # waits for the epoch to finish
-        seconds = time.perf_counter() - start - (trainer.compile_seconds - compiling)
-        if validate is not None:
-            logs.update({"val_" + k: v for k, v in validate(carry[0], carry[1], *val_data).items()})
-        for name, value in logs.items():
-            history.setdefault(name, []).append(value)
-        history.setdefault("seconds", []).append(seconds)
-        if verbose:
-            print(f"Epoch {epoch + 1}/{epochs} - {seconds:.2f}s - {_format_logs(logs)}",
-                  file=sys.stdout, flush=True)
-        epoch += 1
-        info = EpochEnd(epoch - 1, logs, *carry, key, history)
-        stop = False
+    if callbacks:
+        begin = TrainBegin(initial_epoch, epochs, *carry, key)
         for callback in callbacks:
-            stop = callback.on_epoch_end(info) or stop
-        if stop:
-            break
+            _train_begin(callback, begin)
+    done = carry  # the last completed point; a copy while `carry` is donated to an epoch
+    try:
+        while epoch < epochs:
+            done = jax.tree_util.tree_map(jnp.copy, carry)
+            start = time.perf_counter()
+            compiling = trainer.compile_seconds
+            epoch_key = jax.random.fold_in(key, epoch)
+            epoch_data = batches_for(epoch) if streaming else data
+            carry, sums, chunks = trainer.epoch(carry, epoch_data, epoch_key)
+            sums = jax.device_get(sums)  # waits for the epoch to finish
+            if guard and sums["_nonfinite"]:
+                step, code = first_nonfinite(chunks)
+                good = carry if streaming else trainer.replay(done, data, epoch_key, step)
+                result = FitResult(*good, history, epoch, key, trainer.compile_seconds)
+                what = _NONFINITE_WHAT[code]
+                of_steps = "" if streaming else f"/{trainer.steps}"
+                holder = "the returned result" if on_nonfinite == "warn" else "error.result"
+                message = (
+                    f"fit: {what} NaN or inf at epoch {epoch + 1}/{epochs}, step "
+                    f"{step + 1}{of_steps} (batch {step} of that epoch, counting from 0); "
+                    f"training stopped there. The params, state and optimizer state from "
+                    f"before that step are in {holder}. "
+                    "Usual causes: a learning rate too large, labels or inputs out of range, "
+                    "a log or a division of 0 in a custom loss")
+                if on_nonfinite == "raise":
+                    raise NonFiniteError(message, result, epoch, step, what)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                for callback in callbacks:
+                    result = callback.on_train_end(result)
+                return result
+            logs = _logs_from_sums(sums, list(metric_fns))
+            seconds = time.perf_counter() - start - (trainer.compile_seconds - compiling)
+            if validate is not None:
+                logs.update({"val_" + k: v
+                             for k, v in validate(carry[0], carry[1], *val_data).items()})
+            for name, value in logs.items():
+                history.setdefault(name, []).append(value)
+            history.setdefault("seconds", []).append(seconds)
+            epoch += 1
+            done = carry
+            if verbose:
+                print(f"Epoch {epoch}/{epochs} - {seconds:.2f}s - {_format_logs(logs)}",
+                      file=sys.stdout, flush=True)
+            info = EpochEnd(epoch - 1, logs, *carry, key, history)
+            stop = False
+            for callback in callbacks:
+                stop = callback.on_epoch_end(info) or stop
+            if stop:
+                break
+    except KeyboardInterrupt:
+        completed = {name: values[:epoch - initial_epoch] for name, values in history.items()}
+        result = FitResult(*done, completed, epoch, key, trainer.compile_seconds)
+        for callback in callbacks:
+            interrupted = getattr(callback, "on_train_interrupted", None)
+            if interrupted is not None:
+                interrupted(result)
+        raise TrainingInterrupted(result) from None
 
     result = FitResult(carry[0], carry[1], carry[2], history, epoch, key,
                        trainer.compile_seconds)
     for callback in callbacks:
         result = callback.on_train_end(result)
     return result
+
+
+def _train_begin(callback, info) -> None:
+    """``callback.on_train_begin(info)``, or ``()`` for an override that takes no argument."""
+    method = callback.on_train_begin
+    try:
+        takes_info = bool(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        takes_info = True
+    if takes_info:
+        method(info)
+    else:
+        method()
