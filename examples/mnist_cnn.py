@@ -43,10 +43,12 @@ import jaxnn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _cli  # noqa: E402
 from mnist_mlp import DEFAULT_LR, OPTIMIZERS, checkpointing, load_data, save_plot  # noqa: E402
 
 DEFAULT_FEED = "device"
 DEFAULT_STEPS_PER_CALL = 4  # for --feed device (measured fastest, see above)
+_UNSET = object()  # --steps-per-call not given (it must not be given with --feed host)
 
 
 def steps_per_call_arg(text: str) -> int | str:
@@ -58,47 +60,39 @@ def steps_per_call_arg(text: str) -> int | str:
     except ValueError:
         value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int or 'epoch', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'epoch', got {text!r}")
     return value
 
 
 def parse_args(argv=None, *, description=None, epochs=11, batch_size=128, feed=DEFAULT_FEED,
                steps_per_call=DEFAULT_STEPS_PER_CALL):
-    """The command line shared by the CNN and RNN examples (defaults differ per example)."""
-    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files "
-                        "(default: $JAXNN_DATA_DIR, the cache, a download, tensorflow-datasets)")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: 1e-3 for Adam, 0.1 for SGD)")
-    parser.add_argument("--optax", action="store_true",
-                        help="use optax's optimizer instead of jaxnn's own")
+    """The command line shared by the CNN and RNN examples (defaults differ per example).
+
+    Every flag is checked here: a bad one exits (see ``_cli``) before any work.
+    """
+    parser = _cli.ArgumentParser(description=description or __doc__.splitlines()[0])
+    _cli.add_data_flags(parser, epochs=epochs, batch_size=batch_size, optimizers=OPTIMIZERS,
+                        default_lr=DEFAULT_LR)
     parser.add_argument("--feed", choices=("host", "device"), default=feed,
                         help="host: numpy batches, one jitted step each; device: the dataset "
-                        "on the device, --steps-per-call steps per compiled call "
-                        f"(default: {feed})")
-    parser.add_argument("--steps-per-call", type=steps_per_call_arg, default=steps_per_call,
-                        help="with --feed device: optimisation steps per compiled call, an "
-                        "int or 'epoch' (the whole epoch as one program; default: "
+                        "on the device, --steps-per-call steps per compiled call")
+    parser.add_argument("--steps-per-call", type=steps_per_call_arg, default=_UNSET,
+                        metavar="N|epoch",
+                        help="with --feed device: optimisation steps per compiled call, a "
+                        "positive int or 'epoch' (the whole epoch as one program; default: "
                         f"{steps_per_call or 'epoch'})")
-    parser.add_argument("--train-limit", type=int, default=None, metavar="N",
+    parser.add_argument("--train-limit", type=_cli.positive_int, default=None, metavar="N",
                         help="train on the first N training examples only (quick runs, tests)")
-    parser.add_argument("--test-limit", type=int, default=None, metavar="N",
+    parser.add_argument("--test-limit", type=_cli.positive_int, default=None, metavar="N",
                         help="evaluate on the first N test examples only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", metavar="FILE", help="save training curves as a PNG")
-    parser.add_argument("--checkpoint-dir", help="save a checkpoint every epoch here, and "
-                        "resume from the latest one found there")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object with the results as the last line")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    _cli.add_output_flags(parser)
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "train_limit", "test_limit"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.steps_per_call is _UNSET:
+        args.steps_per_call = steps_per_call
+    elif args.feed == "host":
+        parser.error("--steps-per-call applies only with --feed device (--feed host runs "
+                     "one step per call)")
+    _cli.check_paths(parser, args)
     return args
 
 
@@ -249,8 +243,9 @@ def train(args, model, data, x_train, y_train, x_test, y_test):
 
 def main(argv=None):
     args = parse_args(argv)
-    data, x_train, y_train, x_test, y_test = load_images(
-        args.data_dir, args.train_limit, args.test_limit)
+    with _cli.data_errors():
+        data, x_train, y_train, x_test, y_test = load_images(
+            args.data_dir, args.train_limit, args.test_limit)
     # Conv2D takes channels-last images: add the single grey channel.
     x_train, x_test = x_train[..., None], x_test[..., None]
     return train(args, build_model(x_train.shape[1]), data, x_train, y_train, x_test, y_test)

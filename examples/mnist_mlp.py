@@ -11,14 +11,18 @@ the softmax for you.
     python examples/mnist_mlp.py                       # MNIST from the usual sources
     python examples/mnist_mlp.py --data-dir DIR --json # a folder of the four IDX files
     python examples/mnist_mlp.py --grad manual         # hand-written backprop (jaxnn.manual)
+
+Every flag is checked before any data is loaded: a bad one stops the example at once
+with one line ``error: ...`` and status 2; a bad data folder or file, with status 1
+(see ``_cli.py``, shared by the three examples).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,6 +30,12 @@ import optax
 
 import jaxnn
 from jaxnn import datasets, manual
+
+# examples/ is not a package: import the shared command-line helpers from this folder.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _cli  # noqa: E402
 
 OPTIMIZERS = {
     # name: (jaxnn's own, optax's counterpart)
@@ -41,28 +51,19 @@ DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.1, "momentum": 0.01, "nester
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files "
-                        "(default: $JAXNN_DATA_DIR, the cache, a download, tensorflow-datasets)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: 1e-3 for Adam, 0.1 for SGD)")
-    parser.add_argument("--optax", action="store_true",
-                        help="use optax's optimizer instead of jaxnn's own")
-    parser.add_argument("--l2", type=float, default=0.0, help="L2 penalty on the kernels")
-    parser.add_argument("--seed", type=int, default=0)
+    """The flags, every one checked: a bad one exits (see ``_cli``) before any work."""
+    parser = _cli.ArgumentParser(description=__doc__.splitlines()[0])
+    _cli.add_data_flags(parser, epochs=5, batch_size=32, optimizers=OPTIMIZERS,
+                        default_lr=DEFAULT_LR)
+    parser.add_argument("--l2", type=_cli.non_negative_float, default=0.0,
+                        help="L2 penalty on the kernels")
     parser.add_argument("--grad", choices=("autodiff", "manual"), default="autodiff",
-                        help="gradients by jax.grad (default) or by the hand-written "
-                        "backward pass of jaxnn.manual.MLP")
-    parser.add_argument("--plot", metavar="FILE", help="save training curves as a PNG")
-    parser.add_argument("--checkpoint-dir", help="save a checkpoint every epoch here, and "
-                        "resume from the latest one found there")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object with the results as the last line")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    return parser.parse_args(argv)
+                        help="gradients by jax.grad or by the hand-written backward pass "
+                        "of jaxnn.manual.MLP")
+    _cli.add_output_flags(parser)
+    args = parser.parse_args(argv)
+    _cli.check_paths(parser, args)
+    return args
 
 
 def load_data(data_dir):
@@ -120,7 +121,8 @@ def checkpointing(directory, params, optimizer, key, verbose):
     if not directory:
         return params, None, 0, key, []
     callbacks = [jaxnn.callbacks.ModelCheckpoint(directory)]
-    ckpt = jaxnn.resume(directory, params=params, opt_state=optimizer.init(params))
+    with _cli.checkpoint_errors("--checkpoint-dir", directory):
+        ckpt = jaxnn.resume(directory, params=params, opt_state=optimizer.init(params))
     if ckpt is None:
         return params, None, 0, key, callbacks
     if verbose:
@@ -130,7 +132,8 @@ def checkpointing(directory, params, optimizer, key, verbose):
 
 def main(argv=None):
     args = parse_args(argv)
-    data = load_data(args.data_dir)
+    with _cli.data_errors():
+        data = load_data(args.data_dir)
     x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
     verbose = 0 if args.quiet else 1
     if verbose:

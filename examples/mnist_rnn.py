@@ -27,6 +27,7 @@ import jaxnn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _cli  # noqa: E402
 from mnist_cnn import load_images, parse_args, train  # noqa: E402
 
 UNITS = 128
@@ -42,8 +43,9 @@ def build_model(units=UNITS):
 def main(argv=None):
     args = parse_args(argv, description=__doc__.splitlines()[0], epochs=6, batch_size=128,
                       feed=DEFAULT_FEED, steps_per_call=DEFAULT_STEPS_PER_CALL)
-    data, x_train, y_train, x_test, y_test = load_images(
-        args.data_dir, args.train_limit, args.test_limit)
+    with _cli.data_errors():
+        data, x_train, y_train, x_test, y_test = load_images(
+            args.data_dir, args.train_limit, args.test_limit)
     return train(args, build_model(), data, x_train, y_train, x_test, y_test)
 
 

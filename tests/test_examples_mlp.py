@@ -71,8 +71,11 @@ def test_optax_flag_and_plot(offline, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_data_dir_that_is_wrong_is_an_error_not_a_fallback(tmp_path):
-    from jaxnn.datasets import DatasetError
-
-    with pytest.raises(DatasetError):
+def test_data_dir_that_is_wrong_is_an_error_not_a_fallback(tmp_path, capsys):
+    # one line naming the folder and status 1 (more cases in test_examples_cli.py)
+    with pytest.raises(SystemExit) as exit_info:
         _load_example().main(["--data-dir", str(tmp_path), "--quiet"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data-dir ") and err.count("\n") == 1
+    assert str(tmp_path) in err and "train-images-idx3-ubyte" in err

@@ -1,0 +1,256 @@
+"""The command line shared by the MNIST examples: flag types, path checks, one-line errors.
+
+A bad flag prints one line ``error: ...`` naming the flag and what was expected, and
+exits with status 2 (a usage error, as argparse does). A bad data folder or file
+(missing, unreadable, corrupt) prints one line ``error: ...`` naming it and exits with
+status 1. The examples run every check before they load any data or build any model,
+so a mistyped flag fails at once instead of after minutes of loading or training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+
+from jaxnn.checkpoint import CheckpointError
+from jaxnn.datasets import DatasetError
+
+USAGE_ERROR = 2  # a bad flag (argparse's own status for usage errors)
+DATA_ERROR = 1  # a bad data folder or file, or a checkpoint that cannot be resumed
+
+DATA_DIR_ENV = "JAXNN_DATA_DIR"  # read by jaxnn.datasets.mnist when no folder is given
+# The four files of the MNIST release; jaxnn.datasets.mnist also accepts each one
+# uncompressed and with the dotted name (train-images.idx3-ubyte[.gz]).
+MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MAX_SEED = 2**32 - 1  # jax.random.key(seed) uses the low 32 bits: larger seeds repeat
+
+
+def fail(message, status: int):
+    """Print ``error: <message>`` on one line to stderr and exit with ``status``."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"error: {text}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, with each option's default appended to its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # an on/off flag
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line ``error: ...`` (status 2), no usage."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        fail(message, USAGE_ERROR)
+
+
+# -- flag types: argparse reports "argument --flag: <message>" -------------------------
+
+
+def _number(text: str, kind, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    expected = f"an integer from 0 to {MAX_SEED}"
+    value = _number(text, int, expected)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a positive finite number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+# -- the flags every example has ------------------------------------------------------
+
+
+def add_data_flags(parser, *, epochs: int, batch_size: int, optimizers, default_lr):
+    """--data-dir, --epochs, --batch-size, --optimizer, --lr, --optax."""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder with the four MNIST IDX files (default: "
+                        f"${DATA_DIR_ENV}, the cache, a download, tensorflow-datasets, "
+                        "else scikit-learn's 8x8 digits)")
+    parser.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
+                        help="epochs to train in all, counting those of a resumed checkpoint")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
+                        help="examples per optimisation step")
+    parser.add_argument("--optimizer", choices=sorted(optimizers), default="adam",
+                        help="the optimizer")
+    lrs = ", ".join(f"{lr:g} for {name}" for name, lr in default_lr.items())
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"learning rate (default: {lrs})")
+    parser.add_argument("--optax", action="store_true",
+                        help="use optax's optimizer instead of jaxnn's own")
+
+
+def add_output_flags(parser):
+    """--seed, --plot, --checkpoint-dir, --json, --quiet."""
+    parser.add_argument("--seed", type=seed, default=0,
+                        help=f"random seed for initialisation, shuffling and dropout, "
+                        f"0 to {MAX_SEED}")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="save training curves to this image file (PNG, or another "
+                        "format matplotlib writes, by the file's extension)")
+    parser.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="save a checkpoint every epoch here, and resume from the "
+                        "latest one found there")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with the results as the last line")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+
+
+def check_paths(parser, args):
+    """Check --plot, --checkpoint-dir and --data-dir (or $JAXNN_DATA_DIR) before any work.
+
+    A bad --plot or --checkpoint-dir is a usage error (status 2); a data folder that is
+    missing, unreadable or lacks the MNIST files is a data error (status 1).
+    """
+    if args.data_dir == "":
+        parser.error("--data-dir: expected a folder, got an empty name")
+    if args.plot is not None:
+        check_plot_file(parser, "--plot", args.plot)
+    if args.checkpoint_dir is not None:
+        check_output_dir(parser, "--checkpoint-dir", args.checkpoint_dir)
+    if args.data_dir is not None:
+        check_data_dir("--data-dir", args.data_dir)
+    elif os.environ.get(DATA_DIR_ENV):
+        check_data_dir(DATA_DIR_ENV, os.environ[DATA_DIR_ENV])
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_plot_file(parser, flag: str, name: str) -> None:
+    """A file matplotlib can write to: its folder exists, and its extension is a format."""
+    if not name:
+        parser.error(f"{flag}: expected a file name, got an empty name")
+    path = Path(name)
+    if path.is_dir():
+        parser.error(f"{flag} {name}: is a folder; expected a file name")
+    folder = path.parent
+    if not folder.exists():
+        parser.error(f"{flag} {name}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        parser.error(f"{flag} {name}: {folder} is not a folder")
+    if not _writable(folder) or (path.exists() and not os.access(path, os.W_OK)):
+        parser.error(f"{flag} {name}: cannot write there (permission denied)")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        parser.error(f"{flag} needs matplotlib, which is not installed: pip install matplotlib")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = path.suffix[1:].lower()
+    if extension and extension not in formats:
+        parser.error(f"{flag} {name}: matplotlib cannot write .{extension} files; expected "
+                     "one of " + ", ".join("." + f for f in sorted(formats)))
+
+
+def check_output_dir(parser, flag: str, name: str) -> None:
+    """A folder that exists and is writable, or that can be created."""
+    if not name:
+        parser.error(f"{flag}: expected a folder, got an empty name")
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            parser.error(f"{flag} {name}: is a file, not a folder")
+        if not _writable(path):
+            parser.error(f"{flag} {name}: cannot write there (permission denied)")
+        return
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        parser.error(f"{flag} {name}: cannot be created, {ancestor} is a file")
+    if not _writable(ancestor):
+        parser.error(f"{flag} {name}: cannot be created in {ancestor} (permission denied)")
+
+
+def check_data_dir(origin: str, name: str) -> None:
+    """The folder holds the four MNIST files, readable; else exit with status 1.
+
+    Only the names and permissions are checked here; the contents are checked as
+    they are read (see ``data_errors``).
+    """
+    path = Path(name).expanduser()
+    if not path.exists():
+        fail(f"{origin} {name}: no such folder", DATA_ERROR)
+    if not path.is_dir():
+        fail(f"{origin} {name}: is a file, not a folder", DATA_ERROR)
+    if not os.access(path, os.R_OK | os.X_OK):
+        fail(f"{origin} {name}: cannot read the folder (permission denied)", DATA_ERROR)
+    missing = []
+    for stem in MNIST_STEMS:
+        dotted = stem.replace("-idx", ".idx")
+        candidates = (stem + ".gz", stem, dotted + ".gz", dotted)
+        found = next((path / c for c in candidates if (path / c).is_file()), None)
+        if found is None:
+            missing.append(f"{stem}[.gz]")
+        elif not os.access(found, os.R_OK):
+            fail(f"{found}: cannot read the file (permission denied)", DATA_ERROR)
+    if missing:
+        fail(f"{origin} {name}: the folder lacks the MNIST file(s) {', '.join(missing)}",
+             DATA_ERROR)
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Turn a data file that cannot be read (corrupt, truncated, unreadable) into one
+    ``error:`` line naming it and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except (DatasetError, OSError, ImportError) as error:
+        fail(error, DATA_ERROR)
+
+
+@contextlib.contextmanager
+def checkpoint_errors(flag: str, directory):
+    """Turn a checkpoint that cannot be resumed (corrupt, another model's) into one
+    ``error:`` line and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except (CheckpointError, OSError) as error:
+        fail(f"{flag} {directory}: cannot resume: {error}", DATA_ERROR)
