@@ -125,6 +125,9 @@ class Framework(NamedTuple):
 
 FRAMEWORKS: dict[str, Framework] = {
     "jaxnn": Framework("peers.jaxnn_fit", "jaxnn fit", {}, True, True),
+    # jaxnn without its non-finite guard (fit(on_nonfinite="ignore")): the guard's cost.
+    "jaxnn-noguard": Framework("peers.jaxnn_fit", "jaxnn fit, no NaN guard",
+                               {"JAXNN_BENCH_ON_NONFINITE": "ignore"}, True, True),
     "jax": Framework("peers.jax_optax", "JAX+optax loop", {}, True, True),
     "jax-scan": Framework("peers.jax_scan", "JAX fused scan", {}, True, True),
     "torch": Framework("peers.torch_eager", "PyTorch eager", {}, False, False),
@@ -139,7 +142,7 @@ FRAMEWORKS: dict[str, Framework] = {
 # The compute dtypes of ``--dtype``, and the frameworks that honour bfloat16 (mixed
 # precision: float32 master weights, the forward and backward pass in bfloat16).
 DTYPES = ("float32", "bfloat16")
-MIXED_PRECISION_FRAMEWORKS = ("jaxnn", "jax", "jax-scan")
+MIXED_PRECISION_FRAMEWORKS = ("jaxnn", "jaxnn-noguard", "jax", "jax-scan")
 
 
 # --------------------------------------------------------------------------

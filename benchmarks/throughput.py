@@ -31,6 +31,9 @@ The frameworks (``--frameworks``, default all), each in its own process
 (``worker.py``) and its own module under ``peers/``:
 
 * ``jaxnn``: ``jaxnn.fit`` (``steps_per_call`` per model, see ``peers/jaxnn_fit.py``);
+* ``jaxnn-noguard``: the same with ``fit(on_nonfinite="ignore")``; under each
+  table, the cost of fit's NaN/inf guard is ``(jaxnn-noguard samples/s / jaxnn
+  samples/s - 1) * 100`` percent;
 * ``jax``: plain JAX + optax as tutorials write it (a jitted step in a Python loop);
 * ``jax-scan``: the same plain JAX models with the whole epoch hand-fused into one
   jitted ``lax.scan`` (the CNN: 4 straight-line steps per jitted call), the
@@ -426,6 +429,27 @@ def jaxnn_overhead(report: dict) -> dict[str, float | None]:
     return overhead
 
 
+def guard_cost(report: dict) -> dict[str, dict | None]:
+    """Per model, the cost of fit's non-finite guard: ``(jaxnn-noguard samples/s /
+    jaxnn samples/s - 1) * 100`` percent, from the best round (``best``) and round by
+    round (``rounds``, with --rounds R); None unless both columns ran the model."""
+    frameworks = report["frameworks"]
+    cost: dict[str, dict | None] = {}
+    for name in report["config"]["models"]:
+        ours = frameworks.get("jaxnn", {}).get("results", {}).get(name)
+        plain = frameworks.get("jaxnn-noguard", {}).get("results", {}).get(name)
+        if not (ours and plain):
+            cost[name] = None
+            continue
+        pairs = zip(ours.get("rounds_train_samples_per_s", []),
+                    plain.get("rounds_train_samples_per_s", []))
+        cost[name] = {
+            "best": 100 * (plain["train_samples_per_s"] / ours["train_samples_per_s"] - 1),
+            "rounds": [100 * (b / a - 1) for a, b in pairs if a and b],
+        }
+    return cost
+
+
 def format_report(report: dict) -> str:
     lines = []
     machine = report["machine"]
@@ -485,6 +509,12 @@ def format_report(report: dict) -> str:
         if overhead.get(name) is not None:
             lines.append(f"  jaxnn per-epoch overhead over the hand-fused scan: "
                          f"{overhead[name]:+.1f}%")
+        guard = guard_cost(report).get(name)
+        if guard is not None:
+            rounds = ", ".join(f"{c:+.1f}%" for c in guard["rounds"])
+            lines.append(f"  cost of fit's non-finite guard (jaxnn-noguard / jaxnn - 1): "
+                         f"{guard['best']:+.1f}% best rounds" + (f"; by round {rounds}"
+                                                               if rounds else ""))
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"
@@ -601,6 +631,7 @@ def main(argv=None) -> int:
     report["loadavg_end"] = list(os.getloadavg())
     report["total_seconds"] = time.perf_counter() - started
     report["jaxnn_overhead_percent"] = jaxnn_overhead(report)
+    report["guard_cost_percent"] = guard_cost(report)
     peak = report["peak_gflop_per_s"]
     for result in report["frameworks"].values():
         for name, row in result.get("results", {}).items():

@@ -23,6 +23,10 @@ before JAX is imported) ``fit`` trains data-parallel over all of them
 so N must divide it (1, 2, 4, 8, 16 and 32 do). Forced CPU devices share the
 machine's cores. Inference stays on one device.
 
+The ``jaxnn-noguard`` column runs the same with ``fit(..., on_nonfinite="ignore")``
+(``JAXNN_BENCH_ON_NONFINITE``): beside ``jaxnn`` it gives the cost of the check
+for NaN/inf losses and gradients inside the compiled epoch.
+
 With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) training runs
 ``fit(..., compute_dtype=jnp.bfloat16)`` (mixed precision, float32 master
 weights) and inference ``predict`` on params and inputs cast to bfloat16.
@@ -30,6 +34,7 @@ weights) and inference ``predict`` on params and inputs cast to bfloat16.
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -92,7 +97,8 @@ def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key,
     return jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
                      optimizer=jaxnn.optimizers.adam(LEARNING_RATE), key=key, epochs=epochs,
                      batch_size=spec.batch, metrics=(), steps_per_call=steps_per_call,
-                     verbose=0, compute_dtype=compute_dtype, devices=_devices())
+                     verbose=0, compute_dtype=compute_dtype, devices=_devices(),
+                     on_nonfinite=os.environ.get("JAXNN_BENCH_ON_NONFINITE", "raise"))
 
 
 def tune(model, params, x, y, spec: ModelSpec, key,
