@@ -97,3 +97,11 @@ def check_axis_size(x, kind: str, *, axis: int, expected: int, what: str) -> Non
         raise ValueError(
             f"{where(kind)}: expected input with {what} {expected}, got shape {shape}"
         )
+
+
+class ParamsMismatchError(ValueError):
+    """Params (or state) whose keys or shapes differ from those the model declares.
+
+    Raised by ``apply`` and ``apply_with_state``; the message names the layer path
+    (e.g. ``"block_0/conv2d_1"``), the parameter, and the expected and actual shapes.
+    """

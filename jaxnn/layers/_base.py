@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnn._typing import Array, Params, PRNGKey, State
+from jaxnn.layers._params_check import check_params
 
 InitializeFn = Callable[..., tuple[Params, State]]
 ForwardFn = Callable[..., tuple[Any, State]]
@@ -125,7 +126,14 @@ class Layer:
           key: PRNG key for layers with randomness (Dropout) in training mode.
           train: training mode (Dropout active, BatchNorm uses and updates batch
             statistics) when True; inference mode when False.
+
+        Raises:
+          jaxnn.errors.ParamsMismatchError: ``params`` (or a non-empty ``state``)
+            lack an entry the model declares for these inputs, hold one it does
+            not declare, or hold an array of another shape. Checked while
+            tracing, so a jitted call pays nothing for it.
         """
+        check_params(self, params, state, inputs, key=key, train=train, kwargs=kwargs)
         return self.forward(params, state, *inputs, key=key, train=train, **kwargs)
 
     def apply(
@@ -139,8 +147,11 @@ class Layer:
         """Run a stateless layer or model: ``outputs = f(params, inputs)``.
 
         A pure function of its arguments: ``jax.jit``, ``jax.grad`` and
-        ``jax.vmap`` all apply to it.
+        ``jax.vmap`` all apply to it. Raises
+        :class:`jaxnn.errors.ParamsMismatchError` when ``params`` do not have the
+        keys and shapes the model declares (see :meth:`apply_with_state`).
         """
+        check_params(self, params, None, inputs, key=key, train=train, kwargs=kwargs)
         outputs, _ = self.forward(params, {}, *inputs, key=key, train=train, **kwargs)
         return outputs
 

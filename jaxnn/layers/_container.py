@@ -37,6 +37,16 @@ def record_calls() -> Iterator[list]:
         _RECORDER.reset(token)
 
 
+@contextlib.contextmanager
+def _not_recording() -> Iterator[None]:
+    """Initialisation runs children only for shapes: keep those runs out of summaries."""
+    token = _RECORDER.set(None)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
 def _child_key(key: PRNGKey | None, index: int) -> PRNGKey | None:
     return None if key is None else jax.random.fold_in(key, index)
 
@@ -117,6 +127,7 @@ def Sequential(layers: Sequence[Layer | Callable], *, name: str | None = None) -
     namer = _Namer(f"Sequential{f' {name!r}' if name else ''}")
     names = tuple(namer(child) for child in children)
 
+    @_not_recording()
     def initialize(key: PRNGKey, x: jax.ShapeDtypeStruct) -> tuple[Params, State]:
         params: Params = {}
         state: State = {}
@@ -239,6 +250,7 @@ def model(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> A
     model_name = name or getattr(fn, "__name__", "model")
     owner = f"model {model_name!r}"
 
+    @_not_recording()
     def initialize(key, *inputs):
         params: Params = {}
         state: State = {}
