@@ -66,7 +66,8 @@ def check_finite(tree: Any, name: str) -> None:
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             continue
         on_host = not isinstance(leaf, jax.Array)
-        total = np.sum(leaf) if on_host else jnp.sum(leaf)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.sum(leaf) if on_host else jnp.sum(leaf)
         if np.isfinite(total) or (on_host and bool(np.isfinite(leaf).all())) or (
                 not on_host and bool(jnp.isfinite(leaf).all())):
             continue
