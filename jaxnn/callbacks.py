@@ -136,16 +136,61 @@ class ModelCheckpoint(Callback):
 
     Each file holds params, state, optimizer state, the number of epochs done,
     the training key and the history so far; writes are atomic (see
-    :mod:`jaxnn.checkpoint`). Resume with :func:`jaxnn.checkpoint.resume`.
+    :mod:`jaxnn.checkpoint`). Resume with :func:`jaxnn.resume`.
+
+    The folder holds one run. It is created here (so ``jaxnn.resume(directory,
+    ...)`` finds it, empty, on a first run). Before training, a folder holding
+    checkpoints is accepted only if this run continues them: ``fit``'s
+    ``initial_epoch`` is the latest checkpoint's epoch and its ``key`` the saved
+    key (as after ``ckpt = jaxnn.resume(directory, ...)``); otherwise
+    :class:`jaxnn.checkpoint.CheckpointConflictError` is raised before any epoch
+    runs. An epoch whose params, state or optimizer state hold NaN or inf is
+    not saved (a ``RuntimeWarning`` names it), so the last good checkpoint is
+    never rotated out. On Ctrl-C the last completed epoch is saved if it is not
+    on disk yet.
+
+    Args:
+      directory: the run's folder.
+      max_to_keep: how many checkpoints to keep (the latest epochs), or None for all.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3) -> None:
         from jaxnn.checkpoint import CheckpointManager
 
         self.manager = CheckpointManager(directory, max_to_keep=max_to_keep)
+        self.manager.directory.mkdir(parents=True, exist_ok=True)
+        self._checked = False
+
+    def on_train_begin(self, info: TrainBegin | None = None) -> None:
+        self._checked = False
+        if info is not None:
+            self.manager.check_continues(initial_epoch=info.initial_epoch, key=info.key)
+            self._checked = True
+
+    def _save(self, params, state, opt_state, epoch, key, history) -> None:
+        self.manager.save(params=params, state=state, opt_state=opt_state, epoch=epoch,
+                          key=key, metadata={"history": history})
 
     def on_epoch_end(self, info: EpochEnd) -> bool:
-        self.manager.save(params=info.params, state=info.state, opt_state=info.opt_state,
-                          epoch=info.epoch + 1, key=info.key,
-                          metadata={"history": info.history})
+        if not self._checked:  # on_train_begin got no TrainBegin: check before writing
+            self.manager.check_continues(initial_epoch=info.epoch, key=info.key)
+            self._checked = True
+        self._save(info.params, info.state, info.opt_state, info.epoch + 1, info.key,
+                   info.history)
         return False
+
+    def on_train_interrupted(self, result: FitResult) -> None:
+        # Unchecked means no epoch of this run ended, so there is nothing new to save.
+        if not self._checked or result.epoch <= 0:
+            return
+        latest = self.manager.latest()
+        if latest is not None and _epoch_of(latest) >= result.epoch:
+            return
+        self._save(result.params, result.state, result.opt_state, result.epoch, result.key,
+                   result.history)
+
+
+def _epoch_of(path) -> int:
+    from jaxnn.checkpoint import read_manifest
+
+    return int(read_manifest(path)["epoch"])

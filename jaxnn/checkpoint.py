@@ -53,11 +53,20 @@ each array is checked against its sha256 in the manifest, so a truncated file
 or a flipped bit in anything that is restored raises :class:`CheckpointError`.
 
 Atomic writes. A checkpoint is written to a temporary file in the same
-directory (``.<name>.<random>.tmp``), flushed and ``fsync``-ed, then renamed
-onto its final name with :func:`os.replace` (atomic on POSIX and Windows), and
-the directory is ``fsync``-ed. A crash part-way through leaves the previous
-file with that name intact and, at worst, a stale ``*.tmp`` file, which
-:func:`latest_checkpoint` ignores (and which can be deleted at leisure).
+directory (``.<name>.<8 random characters>.tmp``), flushed and ``fsync``-ed,
+then renamed onto its final name with :func:`os.replace` (atomic on POSIX and
+Windows), and the directory is ``fsync``-ed. A process killed part-way through
+leaves the previous file with that name intact and, at worst, a stale ``.tmp``
+file, which :func:`latest_checkpoint` ignores and the next save removes (a
+save removes the stale temporary files of its own file name;
+:meth:`CheckpointManager.save` those of every ``{prefix}NNNN.npz`` in its
+folder). So one folder has one writer at a time.
+
+One run per folder. :class:`jaxnn.callbacks.ModelCheckpoint` writes into a
+folder only when the folder is empty or holds the run being continued (see
+:meth:`CheckpointManager.check_continues`), and :class:`CheckpointManager`
+skips, with a warning, a checkpoint holding NaN or inf, so rotation never
+deletes the last good one.
 """
 
 from __future__ import annotations
@@ -70,9 +79,10 @@ import operator
 import os
 import pathlib
 import re
-import tempfile
+import secrets
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -83,6 +93,7 @@ from jaxnn._typing import Params, PRNGKey, State
 
 __all__ = [
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointError",
     "CheckpointManager",
     "FORMAT_VERSION",
@@ -107,6 +118,23 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be restored: corrupt, truncated, from an unknown
     format version, or not matching the target's structure, shapes or dtypes.
     The message starts with the file's path."""
+
+
+class CheckpointConflictError(CheckpointError):
+    """A checkpoint folder holds another run's checkpoints, so writing this run
+    there would mix the two (see :meth:`CheckpointManager.check_continues`). The
+    message starts with the folder's path and says what it holds and what to do."""
+
+
+# Fault injection: when set, called with the name of each step of a save at which a
+# crash leaves a different state on disk (tests/checkpoint_kill_worker.py kills its
+# process at each in turn). None in normal use.
+_crash_hook: Callable[[str], None] | None = None
+
+
+def _reach(point: str) -> None:
+    if _crash_hook is not None:
+        _crash_hook(point)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,17 +232,43 @@ def _json_default(obj: Any) -> Any:
 # -- writing ------------------------------------------------------------------
 
 
-def _umask() -> int:
+# ``.<file name>.<8 random characters>.tmp``; the random part was made by
+# tempfile.NamedTemporaryFile before (letters, digits, "_"), by secrets.token_hex now.
+_TEMP_RANDOM = r"\.[a-z0-9_]{8}\.tmp"
+
+
+def _temp_pattern(name_pattern: str) -> re.Pattern:
+    """The temporary files of saves to the file names matching ``name_pattern``."""
+    return re.compile(r"\." + name_pattern + _TEMP_RANDOM)
+
+
+def _remove_temps(directory: pathlib.Path, pattern: re.Pattern) -> None:
+    """Delete the files in ``directory`` whose names match ``pattern`` (temporary
+    files left by a save that was killed)."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        names = sorted(entry.name for entry in os.scandir(directory)
+                       if pattern.fullmatch(entry.name) and entry.is_file())
+    except FileNotFoundError:
+        return
+    for name in names:
+        _reach("cleanup.before_unlink")
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+        _reach("cleanup.after_unlink")
+
+
+def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``file`` as :func:`numpy.savez` does (a zip of ``.npy``
+    members, stored uncompressed), one member at a time."""
+    with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED,
+                         allowZip64=True) as archive:
+        for name, array in arrays.items():
+            _reach(f"write.member_start {name}")
+            with archive.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+            _reach(f"write.member_end {name}")
 
 
 def _fsync_directory(directory: pathlib.Path) -> None:
@@ -231,25 +285,37 @@ def _fsync_directory(directory: pathlib.Path) -> None:
 
 
 def _atomic_savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an ``.npz`` at ``path``: temp file, fsync, rename."""
+    """Write ``arrays`` as an ``.npz`` at ``path``: temp file, fsync, rename.
+
+    First removes the temporary files that killed saves to ``path`` left behind.
+    """
     directory = path.parent
-    tmp = tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
+    _remove_temps(directory, _temp_pattern(re.escape(path.name)))
+    tmp = directory / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with tmp:
-            np.savez(tmp, **arrays)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o666 & ~_umask())  # as a plain file, not 0600
-        os.replace(tmp.name, path)
+        # "x": created new, with the permissions of any new file (0666 less the umask).
+        with open(tmp, "xb") as f:
+            _reach("write.created")
+            _write_npz(f, arrays)
+            _reach("write.zip_closed")
+            f.flush()
+            os.fsync(f.fileno())
+        _reach("write.synced")
+        os.replace(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp.name)
+            os.unlink(tmp)
         except OSError:
             pass
         raise
+    _reach("write.replaced")
     _fsync_directory(directory)
+    _reach("write.directory_synced")
+
+
+def _is_typed_key(key: Any) -> bool:
+    dtype = getattr(key, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def save_checkpoint(
@@ -320,11 +386,12 @@ def save_checkpoint(
 
     key_info = None
     if key is not None:
-        key = jnp.asarray(key)
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if not _is_typed_key(key):
+            key = np.asarray(key)  # a legacy key: no device work (saves in a fresh process)
+        if _is_typed_key(key):
             key_info = {"impl": str(jax.random.key_impl(key))}
             add(_KEY, jax.random.key_data(key))
-        elif key.dtype == jnp.uint32:
+        elif key.dtype == np.uint32:
             key_info = {"impl": None}
             add(_KEY, key)
         else:
@@ -398,6 +465,9 @@ class _Archive:
             raise self.error(f"corrupt entry '{name}' ({exc})") from exc
 
     def _read_manifest(self) -> dict[str, Any]:
+        if _MANIFEST + ".npy" not in self._zip.namelist():
+            raise self.error("not a jaxnn checkpoint (a .npz without the '__manifest__' "
+                             "entry that save_checkpoint writes)")
         raw = self._read_raw(_MANIFEST)
         try:
             manifest = json.loads(raw.tobytes().decode("utf-8"))
@@ -433,6 +503,15 @@ class _Archive:
         if entry["dtype"] != entry["stored_dtype"]:
             stored = stored.view(jnp.dtype(entry["dtype"]))
         return stored
+
+    def key(self) -> PRNGKey | None:
+        """The saved PRNG key (typed or legacy, as saved), or None."""
+        key_info = self.manifest["key"]
+        if key_info is None:
+            return None
+        data = jnp.asarray(self.read(_KEY))
+        impl = key_info.get("impl")
+        return data if impl is None else jax.random.wrap_key_data(data, impl=impl)
 
 
 def _format_names(names: list[str], limit: int = 10) -> str:
@@ -525,12 +604,7 @@ def restore_checkpoint(path: PathLike, *, target: Mapping[str, Any]) -> Checkpoi
             for section in SECTIONS
             if target.get(section) is not None
         }
-        key = None
-        key_info = manifest["key"]
-        if key_info is not None:
-            data = jnp.asarray(archive.read(_KEY))
-            impl = key_info.get("impl")
-            key = data if impl is None else jax.random.wrap_key_data(data, impl=impl)
+        key = archive.key()
     return Checkpoint(
         params=restored.get("params"),
         state=restored.get("state"),
@@ -546,13 +620,8 @@ def restore_checkpoint(path: PathLike, *, target: Mapping[str, Any]) -> Checkpoi
 # -- a directory of per-epoch checkpoints --------------------------------------
 
 
-def list_checkpoints(directory: PathLike, *, prefix: str = "ckpt_") -> list[pathlib.Path]:
-    """The files ``directory/{prefix}{epoch}.npz``, oldest epoch first.
-
-    Other files (temporary ``*.tmp`` files left by an interrupted save
-    included) are ignored; a missing directory gives ``[]``.
-    """
-    directory = pathlib.Path(directory)
+def _numbered(directory: pathlib.Path, prefix: str) -> list[tuple[int, pathlib.Path]]:
+    """``[(epoch, path), ...]`` of the files ``{prefix}{epoch}.npz``, oldest first."""
     if not directory.is_dir():
         return []
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.npz")
@@ -561,7 +630,16 @@ def list_checkpoints(directory: PathLike, *, prefix: str = "ckpt_") -> list[path
         match = pattern.fullmatch(entry.name)
         if match and entry.is_file():
             found.append((int(match.group(1)), entry))
-    return [entry for _, entry in sorted(found)]
+    return sorted(found)
+
+
+def list_checkpoints(directory: PathLike, *, prefix: str = "ckpt_") -> list[pathlib.Path]:
+    """The files ``directory/{prefix}{epoch}.npz``, oldest epoch first.
+
+    Other files (temporary ``*.tmp`` files left by an interrupted save
+    included) are ignored; a missing directory gives ``[]``.
+    """
+    return [path for _, path in _numbered(pathlib.Path(directory), prefix)]
 
 
 def latest_checkpoint(directory: PathLike, *, prefix: str = "ckpt_") -> pathlib.Path | None:
@@ -570,14 +648,69 @@ def latest_checkpoint(directory: PathLike, *, prefix: str = "ckpt_") -> pathlib.
     return found[-1] if found else None
 
 
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    """One bool per array: every entry finite (one compiled reduction, one transfer)."""
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def _nonfinite_arrays(trees: Mapping[str, Any]) -> list[str]:
+    """The names (``params/dense_0/kernel``, ...) of the floating-point arrays in
+    ``trees`` (section name -> pytree or None) that hold a NaN or an inf."""
+    named = []
+    for section, tree in trees.items():
+        if tree is None:
+            continue
+        for name, leaf in _named_leaves(section, tree)[0]:
+            dtype = getattr(leaf, "dtype", None)
+            dtype = np.result_type(leaf) if dtype is None else dtype
+            if jnp.issubdtype(dtype, jnp.inexact):
+                named.append((name, leaf))
+    on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
+    bad = set()
+    if on_device:
+        flags = np.asarray(_finite_flags([leaf for _, leaf in on_device]))
+        bad.update(name for (name, _), ok in zip(on_device, flags) if not ok)
+    for name, leaf in named:
+        if not isinstance(leaf, jax.Array) and not np.isfinite(np.asarray(leaf)).all():
+            bad.add(name)
+    return [name for name, _ in named if name in bad]
+
+
+def _key_identity(key: Any) -> tuple[str | None, np.ndarray] | None:
+    """``(impl name or None for a legacy key, raw key data)``, or None for no key."""
+    if key is None:
+        return None
+    if _is_typed_key(key):
+        return str(jax.random.key_impl(key)), np.asarray(jax.random.key_data(key))
+    return None, np.asarray(key)
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    """Whether two PRNG keys (typed or legacy, or None) are the same key."""
+    a, b = _key_identity(a), _key_identity(b)
+    if a is None or b is None:
+        return a is b
+    (impl_a, data_a), (impl_b, data_b) = a, b
+    if impl_a is not None and impl_b is not None and impl_a != impl_b:
+        return False
+    return data_a.shape == data_b.shape and bool(np.array_equal(data_a, data_b))
+
+
 class CheckpointManager:
     """Save ``directory/ckpt_{epoch:04d}.npz`` each epoch, keeping the last few.
 
     Args:
       directory: where the checkpoints go (created on the first save).
       max_to_keep: how many checkpoints to keep (the highest epochs; the one
-        just written is never removed), or ``None`` to keep all.
+        just written and any later epoch are never removed), or ``None`` to
+        keep all.
       prefix: the file-name prefix.
+
+    The folder is meant for one run and one writer at a time: each save removes
+    the temporary files that killed saves left in it (``.{prefix}NNNN.npz.*.tmp``),
+    and :class:`jaxnn.callbacks.ModelCheckpoint` calls :meth:`check_continues`
+    before training.
 
     Example::
 
@@ -615,17 +748,43 @@ class CheckpointManager:
         epoch: int,
         key: PRNGKey | None = None,
         metadata: Mapping[str, Any] | None = None,
-    ) -> pathlib.Path:
+        skip_nonfinite: bool = True,
+    ) -> pathlib.Path | None:
         """Save the epoch's checkpoint (see :func:`save_checkpoint`), then delete
-        the oldest ones beyond ``max_to_keep``. Returns the path written."""
+        the oldest ones beyond ``max_to_keep``. Returns the path written.
+
+        Before writing, the temporary files of killed saves into this folder are
+        removed. With ``skip_nonfinite`` (the default), a snapshot whose params,
+        state or optimizer state hold NaN or inf is not written: a
+        ``RuntimeWarning`` names the epoch and the arrays, nothing is deleted,
+        and the return value is None. So rotation never removes the last good
+        checkpoint.
+        """
+        epoch = operator.index(epoch)
+        if skip_nonfinite:
+            bad = _nonfinite_arrays({"params": params, "state": state, "opt_state": opt_state})
+            if bad:
+                latest = self.latest()
+                kept = (f"the latest checkpoint there stays {latest.name}" if latest
+                        else "there is no checkpoint there yet")
+                warnings.warn(
+                    f"{self.directory}: epoch {epoch} not saved: NaN or inf in "
+                    f"{_format_names(bad, 3)}; {kept}", RuntimeWarning, stacklevel=2)
+                return None
+        _remove_temps(self.directory, _temp_pattern(re.escape(self.prefix) + r"\d+\.npz"))
         path = save_checkpoint(
             self.path_for(epoch), params=params, state=state, opt_state=opt_state,
             epoch=epoch, key=key, metadata=metadata,
         )
         if self.max_to_keep is not None:
-            others = [p for p in self.checkpoints() if p != path]
-            for old in others[: max(0, len(others) - (self.max_to_keep - 1))]:
+            found = _numbered(self.directory, self.prefix)
+            older = [p for e, p in found if e < epoch]
+            later = sum(1 for e, _ in found if e > epoch)
+            keep = max(0, self.max_to_keep - 1 - later)
+            for old in older[: max(0, len(older) - keep)]:
+                _reach("rotate.before_unlink")
                 old.unlink(missing_ok=True)
+                _reach("rotate.after_unlink")
         return path
 
     def checkpoints(self) -> list[pathlib.Path]:
@@ -642,17 +801,79 @@ class CheckpointManager:
         path = self.latest()
         return None if path is None else restore_checkpoint(path, target=target)
 
+    def check_continues(self, *, initial_epoch: int, key: PRNGKey | None) -> None:
+        """Refuse a run that would mix with another run's checkpoints in this folder.
 
-def resume(directory, *, params: Params, state: State | None = None, opt_state: Any = None):
-    """Load the latest checkpoint in ``directory`` written by :class:`ModelCheckpoint`.
+        A run starting at ``initial_epoch`` with ``key`` may write here when the
+        folder holds no checkpoint, or when it continues the run there: the
+        latest checkpoint has ``epoch == initial_epoch`` and the same key. A run
+        starting at epoch 0 continues nothing.
+
+        Raises:
+          CheckpointConflictError: naming the folder, the checkpoints it holds,
+            why this run does not continue them, and what to do.
+          CheckpointError: the latest checkpoint cannot be read.
+        """
+        found = self.checkpoints()
+        if not found:
+            return
+        with _Archive(found[-1]) as archive:
+            saved_epoch = int(archive.manifest["epoch"])
+            saved_key = archive.key()
+        if initial_epoch == 0:
+            why = "this run starts at epoch 0"
+        elif saved_epoch != initial_epoch:
+            why = (f"this run starts at epoch {initial_epoch}, not at the latest "
+                   f"checkpoint's epoch {saved_epoch}")
+        elif not _same_key(saved_key, key):
+            why = (f"this run starts at epoch {initial_epoch} as the latest checkpoint "
+                   "does, but with a different key")
+        else:
+            return
+        held = found[0].stem if len(found) == 1 else (
+            f"{found[0].stem}..{found[-1].stem}, {len(found)} files")
+        raise CheckpointConflictError(
+            f"{self.directory}: this folder holds another run's checkpoints ({held}; latest "
+            f"epoch {saved_epoch}) and {why}, so writing here would mix the two runs. Use a "
+            f"fresh folder, or continue that run: ckpt = jaxnn.resume({str(self.directory)!r}, "
+            "params=..., opt_state=...), then fit(..., params=ckpt.params, state=ckpt.state, "
+            "opt_state=ckpt.opt_state, initial_epoch=ckpt.epoch, key=ckpt.key)"
+        )
+
+
+def resume(path: PathLike, *, params: Params, state: State | None = None,
+           opt_state: Any = None) -> Checkpoint | None:
+    """Load the checkpoint to continue training from: the file ``path``, or the
+    latest checkpoint in the folder ``path`` (as :class:`ModelCheckpoint` writes).
 
     ``params``, ``state`` and ``opt_state`` are templates (e.g. freshly
-    initialised values) giving the structure to restore into. Returns the
-    :class:`jaxnn.checkpoint.Checkpoint`, or None when the directory holds none.
-    Continue with ``fit(..., params=ckpt.params, state=ckpt.state,
-    opt_state=ckpt.opt_state, key=ckpt.key, initial_epoch=ckpt.epoch)``.
+    initialised values) giving the structure to restore into. Continue with
+    ``fit(..., params=ckpt.params, state=ckpt.state, opt_state=ckpt.opt_state,
+    key=ckpt.key, initial_epoch=ckpt.epoch)``.
+
+    Returns:
+      The :class:`Checkpoint`, or None when ``path`` is a folder that holds no
+      checkpoint (a first run: start from scratch).
+
+    Raises:
+      FileNotFoundError: nothing exists at ``path`` (create the folder first;
+        ``ModelCheckpoint(folder)`` does).
+      CheckpointError: naming the file: ``path`` is not a folder or a readable
+        jaxnn checkpoint, or the checkpoint does not match the templates.
     """
+    path = pathlib.Path(path)
     target: dict[str, Any] = {"params": params, "state": state or {}}
     if opt_state is not None:
         target["opt_state"] = opt_state
-    return CheckpointManager(directory, max_to_keep=None).restore_latest(target=target)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        return None if latest is None else restore_checkpoint(latest, target=target)
+    if path.is_file():
+        return restore_checkpoint(path, target=target)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"jaxnn.resume: {path} does not exist; give a checkpoint folder or a checkpoint "
+            "file in one. For a first run create the folder first (ModelCheckpoint(folder) "
+            "does); resume then returns None"
+        )
+    raise CheckpointError(f"{path}: neither a checkpoint file nor a folder")
