@@ -315,8 +315,14 @@ def check_params(layer: Any, params: Any, state: Any, inputs: tuple, *, key: Any
     rest = len(found) - 1 - len(same)
     more = f" (and {rest} more mismatch{'es' if rest > 1 else ''})" if rest else ""
     shapes = ", ".join(str(s.shape) for s in structs)
-    message = (f"{model}: {tree} do not match the model for inputs of shape {shapes}: "
+    verb = "do" if tree == "params" else "does"
+    message = (f"{model}: {tree} {verb} not match the model for inputs of shape {shapes}: "
                f"{first}{more}")
+    actual = params if tree == "params" else state
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping) and actual and not any(
+            k in actual for k in expected):
+        held = ", ".join(str(k) for k in list(actual)[:4]) + (", ..." if len(actual) > 4 else "")
+        message += f"; the {tree} hold {held} instead: made for another model?"
     # ``apply`` on a model with state fails for want of it, whatever the params: let
     # the model say so. Likewise when the inputs may be what is wrong.
     stateless_call = state is None and not _is_empty(trees[1])
