@@ -65,7 +65,14 @@ from jaxnn.layers import (
 )
 from jaxnn.population import fit_many, init_many
 from jaxnn.summary import count_params, summarize
-from jaxnn.training import FitResult, evaluate, fit, predict
+from jaxnn.training import (
+    FitResult,
+    NonFiniteError,
+    TrainingInterrupted,
+    evaluate,
+    fit,
+    predict,
+)
 
 __version__ = "0.1.0"
 
@@ -88,10 +95,12 @@ __all__ = [
     "LayerNorm",
     "MaxPool",
     "MaxPool1D",
+    "NonFiniteError",
     "Reshape",
     "Scope",
     "Sequential",
     "SimpleRNN",
+    "TrainingInterrupted",
     "activations",
     "as_layer",
     "callbacks",
