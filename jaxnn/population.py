@@ -34,6 +34,7 @@ from jaxnn.training import (
     MetricFn,
     NonFiniteError,
     _check_arrays,
+    _check_data,
     _check_positive_int,
     _make_step,
     _metric_table,
@@ -144,6 +145,8 @@ def fit_many(
     hyperparams = dict(hyperparams or {})
     members = _population_size(params, key, hyperparams)
     n = _check_arrays(x, y)
+    first_member = jax.tree_util.tree_map(lambda a: a[0], params)
+    _check_data(model, first_member, {}, x, y)
     batch_size = min(batch_size, n)
     metric_fns = _metric_table(metrics)
     hyperparams = {name: jnp.asarray(v) for name, v in hyperparams.items()}
@@ -185,6 +188,8 @@ def fit_many(
     validate = None
     if validation_data is not None:
         n_val = _check_arrays(*validation_data, "validation_data[0]", "validation_data[1]")
+        _check_data(model, first_member, {}, *validation_data, "validation_data[0]",
+                    "validation_data[1]")
         val_data = jax.tree_util.tree_map(jnp.asarray, tuple(validation_data))
 
         def member_eval(p, hp, xv, yv):

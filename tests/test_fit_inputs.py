@@ -236,3 +236,11 @@ def test_bad_fit_arguments_are_named(setup, kwargs, words):
         _fit(setup, "sparse_softmax_cross_entropy", **kwargs)
     for word in words:
         assert word in str(caught.value)
+
+
+def test_fit_many_checks_its_data_too(setup):
+    model, params, x, y = setup
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), params)
+    with pytest.raises(ValueError, match=r"y: class label 5 at index 9"):
+        jaxnn.fit_many(model, stacked, x, _with(y, 9, 5), loss="sparse_softmax_cross_entropy",
+                       optimizer=optax.sgd(0.1), key=jax.random.key(1), verbose=0)
