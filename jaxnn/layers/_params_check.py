@@ -43,7 +43,18 @@ class Mismatch:
 
 
 def _is_node(x: Any) -> bool:
-    return isinstance(x, Mapping | list | tuple) or x is None
+    """Whether ``x`` holds entries (a dict, list, tuple, None or other pytree node)."""
+    if isinstance(x, Mapping | list | tuple) or x is None:
+        return True
+    return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
+def _key_name(k: Any) -> Any:
+    """The plain key of a JAX path entry (a dict key, an index, an attribute name)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
 
 
 def _is_empty(x: Any) -> bool:
@@ -79,7 +90,16 @@ def compare(expected: Any, actual: Any, path: tuple[Any, ...] = ()) -> list[Mism
         return [m for i, (e, a) in enumerate(zip(expected, actual))
                 for m in compare(e, a, (*path, i))]
     if _is_node(expected) or _is_node(actual):
-        return [Mismatch("type", path, expected, actual)]
+        same_kind = (type(expected) is type(actual)
+                     and jax.tree_util.tree_structure(expected)
+                     == jax.tree_util.tree_structure(actual))
+        if not same_kind:
+            return [Mismatch("type", path, expected, actual)]
+        # Another pytree type (a dataclass, a NamedTuple) with the same structure.
+        pairs = zip(jax.tree_util.tree_flatten_with_path(expected)[0],
+                    jax.tree_util.tree_leaves(actual))
+        return [m for (p, e), a in pairs
+                for m in compare(e, a, (*path, *map(_key_name, p)))]
     if _shape(expected) != _shape(actual):
         return [Mismatch("shape", path, expected, actual)]
     return []
@@ -218,7 +238,8 @@ def _arrays(tree: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...]
         return [a for k, v in tree.items() for a in _arrays(v, (*path, k))]
     if isinstance(tree, list | tuple):
         return [a for i, v in enumerate(tree) for a in _arrays(v, (*path, i))]
-    return [] if tree is None else [(path, tree)]
+    return [((*path, *map(_key_name, p)), leaf)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _contents(tree: Any) -> str:
@@ -233,6 +254,8 @@ def _describe(x: Any) -> str:
         return f"a dict with keys {sorted(map(str, x))}"
     if isinstance(x, list | tuple):
         return f"a {type(x).__name__} of length {len(x)}"
+    if _is_node(x):
+        return f"a {type(x).__name__} holding {_contents(x)}"
     return f"an array of shape {_shape(x)}"
 
 
