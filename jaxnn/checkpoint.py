@@ -666,11 +666,15 @@ def _nonfinite_arrays(trees: Mapping[str, Any]) -> list[str]:
             dtype = np.result_type(leaf) if dtype is None else dtype
             if jnp.issubdtype(dtype, jnp.inexact):
                 named.append((name, leaf))
-    on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
+    # One reduction per set of devices the arrays live on (one set, as fit leaves them).
+    by_devices: dict[frozenset, list[tuple[str, jax.Array]]] = {}
+    for name, leaf in named:
+        if isinstance(leaf, jax.Array):
+            by_devices.setdefault(frozenset(leaf.sharding.device_set), []).append((name, leaf))
     bad = set()
-    if on_device:
-        flags = np.asarray(_finite_flags([leaf for _, leaf in on_device]))
-        bad.update(name for (name, _), ok in zip(on_device, flags) if not ok)
+    for group in by_devices.values():
+        flags = np.asarray(_finite_flags([leaf for _, leaf in group]))
+        bad.update(name for (name, _), ok in zip(group, flags) if not ok)
     for name, leaf in named:
         if not isinstance(leaf, jax.Array) and not np.isfinite(np.asarray(leaf)).all():
             bad.add(name)

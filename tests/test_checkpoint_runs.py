@@ -159,6 +159,17 @@ def test_a_folder_saved_without_a_key_is_not_continued_by_a_run_with_one(tmp_pat
     assert "(ckpt_0002; latest epoch 2)" in str(err.value)
 
 
+def test_a_damaged_latest_checkpoint_is_an_error_naming_it_before_training(tmp_path):
+    _run_into(tmp_path, 2)
+    damaged = tmp_path / "ckpt_0002.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    before = _contents(tmp_path)
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
+        ModelCheckpoint(tmp_path).on_train_begin(_begin(2))
+    assert str(err.value).startswith(str(damaged))
+    assert _contents(tmp_path) == before
+
+
 @pytest.mark.parametrize("make_key", [
     lambda: jax.random.key(7),
     lambda: jax.random.key(7, impl="rbg"),
@@ -328,6 +339,33 @@ def test_manager_skip_nonfinite_flag(tmp_path):
     manager.save(params={"step": jnp.arange(3), "w": jnp.ones(2)}, epoch=6)
     manager.save(params={"step": jnp.arange(3), "w": jnp.ones(2)}, epoch=5)
     assert [p.name for p in manager.checkpoints()] == ["ckpt_0005.npz", "ckpt_0006.npz"]
+
+
+_ON_TWO_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np, warnings
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxnn.checkpoint import CheckpointManager
+mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+params = jax.device_put({"w": jnp.ones((4, 3)), "b": jnp.ones(3)},
+                        NamedSharding(mesh, PartitionSpec()))  # replicated, as fit(devices=2)
+state = {"mean": jax.device_put(jnp.asarray([1.0, jnp.inf]), jax.devices()[1])}
+manager = CheckpointManager(__import__("sys").argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert manager.save(params=params, state=state, epoch=1) is None
+    assert manager.save(params=params, state={"mean": jnp.ones(2)}, epoch=1) is not None
+print([str(w.message) for w in caught])
+"""
+
+
+def test_the_nonfinite_check_takes_arrays_on_several_devices(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", _ON_TWO_DEVICES, str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1 not saved: NaN or inf in 'state/mean'" in proc.stdout
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0001.npz"]
 
 
 def test_fit_into_nan_with_the_guard_off_keeps_the_last_good_checkpoints(tmp_path):
