@@ -180,17 +180,12 @@ class ModelCheckpoint(Callback):
         return False
 
     def on_train_interrupted(self, result: FitResult) -> None:
-        # Unchecked means no epoch of this run ended, so there is nothing new to save.
+        # Unchecked: on_train_begin got no TrainBegin and no epoch of this run ended, so
+        # the folder was never checked and there is nothing new to save.
         if not self._checked or result.epoch <= 0:
             return
-        latest = self.manager.latest()
-        if latest is not None and _epoch_of(latest) >= result.epoch:
+        latest = self.manager.latest_epoch()
+        if latest is not None and latest >= result.epoch:
             return
         self._save(result.params, result.state, result.opt_state, result.epoch, result.key,
                    result.history)
-
-
-def _epoch_of(path) -> int:
-    from jaxnn.checkpoint import read_manifest
-
-    return int(read_manifest(path)["epoch"])

@@ -799,6 +799,11 @@ class CheckpointManager:
         """The checkpoint with the highest epoch, or ``None``."""
         return latest_checkpoint(self.directory, prefix=self.prefix)
 
+    def latest_epoch(self) -> int | None:
+        """The highest epoch among the checkpoints (from the file names), or ``None``."""
+        found = _numbered(self.directory, self.prefix)
+        return found[-1][0] if found else None
+
     def restore_latest(self, *, target: Mapping[str, Any]) -> Checkpoint | None:
         """Restore the latest checkpoint (see :func:`restore_checkpoint`), or
         return ``None`` when there is none."""

@@ -339,6 +339,8 @@ def test_manager_skip_nonfinite_flag(tmp_path):
     manager.save(params={"step": jnp.arange(3), "w": jnp.ones(2)}, epoch=6)
     manager.save(params={"step": jnp.arange(3), "w": jnp.ones(2)}, epoch=5)
     assert [p.name for p in manager.checkpoints()] == ["ckpt_0005.npz", "ckpt_0006.npz"]
+    assert manager.latest_epoch() == 6
+    assert CheckpointManager(tmp_path / "none").latest_epoch() is None
 
 
 _ON_TWO_DEVICES = """
