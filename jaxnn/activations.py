@@ -175,7 +175,11 @@ def gelu(x: ArrayLike, approximate: bool = False) -> Array:
     """
     x = jnp.asarray(x)
     if approximate:
-        u = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        # Past |x| = 30, sigmoid(2 * u) is exactly 1 or 0 in every float dtype (|2u| > 1900),
+        # so clamping x inside u changes no value or derivative, and keeps x**3 from
+        # overflowing: unclamped, the derivative was NaN (inf * 0) from |x| ~ 8.7e19 in float32.
+        xc = jnp.clip(x, -30.0, 30.0)
+        u = _SQRT_2_OVER_PI * (xc + 0.044715 * xc * xc * xc)
         return x * sigmoid(2.0 * u)
     return 0.5 * x * jax.scipy.special.erfc(-x * _INV_SQRT_2)
 
