@@ -78,7 +78,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
       DatasetError: the gzip stream is damaged, the header is invalid (bad
-        magic, unknown type code), or the payload is not exactly
+        magic, unknown type code, a shape numpy cannot represent: over 64
+        dimensions, or say (0, 2**32-1, 2**32-1)), or the payload is not exactly
         prod(dims) * itemsize bytes long. The message names ``path``.
       FileNotFoundError: there is no such file.
     """
@@ -122,7 +123,12 @@ def _read_idx(path: str | os.PathLike, *, copy: bool) -> np.ndarray:
             f"({expected} payload bytes), the {what} has {actual} payload bytes"
         )
     array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header)
-    array = array.reshape(shape)
+    try:
+        array = array.reshape(shape)
+    except ValueError as err:  # numpy's limits: over 64 dimensions, or (0, 2**32-1, 2**32-1)
+        raise DatasetError(
+            f"{path}: header says {ndim} dimensions {shape}, which numpy cannot represent ({err})"
+        ) from err
     return array.astype(dtype.newbyteorder("=")) if copy else array
 
 
