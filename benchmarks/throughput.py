@@ -94,6 +94,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -443,9 +444,11 @@ def guard_cost(report: dict) -> dict[str, dict | None]:
             continue
         pairs = zip(ours.get("rounds_train_samples_per_s", []),
                     plain.get("rounds_train_samples_per_s", []))
+        rounds = [100 * (b / a - 1) for a, b in pairs if a and b]
         cost[name] = {
             "best": 100 * (plain["train_samples_per_s"] / ours["train_samples_per_s"] - 1),
-            "rounds": [100 * (b / a - 1) for a, b in pairs if a and b],
+            "rounds": rounds,
+            "median": statistics.median(rounds) if rounds else None,
         }
     return cost
 
@@ -512,9 +515,10 @@ def format_report(report: dict) -> str:
         guard = guard_cost(report).get(name)
         if guard is not None:
             rounds = ", ".join(f"{c:+.1f}%" for c in guard["rounds"])
+            median = (f"; median of rounds {guard['median']:+.1f}%, by round {rounds}"
+                      if rounds else "")
             lines.append(f"  cost of fit's non-finite guard (jaxnn-noguard / jaxnn - 1): "
-                         f"{guard['best']:+.1f}% best rounds" + (f"; by round {rounds}"
-                                                               if rounds else ""))
+                         f"{guard['best']:+.1f}% best rounds{median}")
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"

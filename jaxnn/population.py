@@ -36,8 +36,11 @@ from jaxnn.training import (
     _check_arrays,
     _check_data,
     _check_positive_int,
+    _halting,
     _make_step,
     _metric_table,
+    _no_halt,
+    all_finite,
     epoch_plan,
     evaluation_sums,
     scan_steps,
@@ -162,12 +165,16 @@ def fit_many(
             pen = penalty
         return opt, pen
 
-    def member_epoch(carry, hp, member_key, epoch, data, length=None):
+    def member_epoch(carry, hp, member_key, epoch, data, length=None, halting=False):
         opt, pen = parts(hp)
-        step = _make_step(model, loss, opt, pen, metric_fns, guard=guard)
+        step = _make_step(model, loss, opt, pen, metric_fns, guard=halting)
         plan = epoch_plan(jax.random.fold_in(member_key, epoch), n, batch_size, shuffle)
         if length is not None:  # the epoch's first `length` steps (to replay up to a bad step)
             plan = jax.tree_util.tree_map(lambda a: a[:length], plan)
+        if halting:  # find the member's first non-finite step (see jaxnn.training._halting)
+            (carry, (code, at, _)), sums = scan_steps(_halting(step), (carry, _no_halt()),
+                                                      data, plan)
+            return carry, (code, at)
         return scan_steps(step, carry, data, plan)
 
     def member_init(p, hp):
@@ -175,9 +182,9 @@ def fit_many(
 
     key_axis = None if _is_single_key(key) else 0
 
-    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("length",))
-    def run_epoch(carry, hp, member_key, epoch, data, length=None):
-        one = functools.partial(member_epoch, length=length)
+    @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("length", "halting"))
+    def run_epoch(carry, hp, member_key, epoch, data, length=None, halting=False):
+        one = functools.partial(member_epoch, length=length, halting=halting)
         return jax.vmap(one, in_axes=(0, 0, key_axis, None, None))(carry, hp, member_key,
                                                                    epoch, data)
 
@@ -213,14 +220,21 @@ def fit_many(
         epoch_start = jax.tree_util.tree_map(jnp.copy, carry)  # `carry` is donated
         carry, sums = compiled(carry, hyperparams, key, epoch, data)
         sums = jax.device_get(sums)
-        if guard and np.any(sums["_nonfinite"]):
-            bad = np.flatnonzero(sums["_nonfinite"])
-            step = int(np.min(sums["_nonfinite_at"][bad]))
-            first = bad[sums["_nonfinite_at"][bad] == step]
+        # A NaN/inf loss shows in the epoch's sums, a NaN/inf gradient in the values it
+        # updated; only then is the epoch replayed with halting steps to find the step.
+        bad = np.array([], dtype=int)
+        if guard and not (np.isfinite(sums["loss"]).all() and bool(all_finite(carry))):
+            again = jax.tree_util.tree_map(jnp.copy, epoch_start)
+            _, (codes, ats) = run_epoch(again, hyperparams, key, epoch, data, halting=True)
+            codes, ats = np.asarray(codes), np.asarray(ats)
+            bad = np.flatnonzero(codes)
+        if bad.size:
+            step = int(np.min(ats[bad]))
+            first = bad[ats[bad] == step]
             good = epoch_start if step == 0 else run_epoch(epoch_start, hyperparams, key, epoch,
                                                            data, length=step)[0]
             result = FitResult(*good, history, epoch, key, compile_seconds)
-            what = _NONFINITE_WHAT[int(sums["_nonfinite"][first[0]])]
+            what = _NONFINITE_WHAT[int(codes[first[0]])]
             message = (f"fit_many: {what} NaN or inf for member(s) {first.tolist()} at epoch "
                        f"{epoch + 1}/{epochs}, step {step + 1} (counting from 1); training "
                        f"stopped there for all {members} members. Members that fail: "

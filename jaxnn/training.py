@@ -302,10 +302,6 @@ def scan_steps(step, carry, data, plan, *, straight_line: bool = False, unroll: 
     ``straight_line=True`` writes the steps out as straight-line code instead
     (XLA:CPU runs convolutions slower inside a loop than outside one, even a loop
     of one step).
-
-    A step's ``"_nonfinite"`` code is not summed: the result holds the code of
-    the first step with a nonzero one (0 if none) and, as ``"_nonfinite_at"``,
-    that step's position in ``plan``.
     """
 
     def body(carry, batch):
@@ -314,19 +310,12 @@ def scan_steps(step, carry, data, plan, *, straight_line: bool = False, unroll: 
         return step(carry, (x, y, weights, key))
 
     if not straight_line:
-        carry, per_step = jax.lax.scan(body, carry, plan, unroll=unroll)
-        codes = per_step.pop("_nonfinite", None)
-        totals = jax.tree_util.tree_map(jnp.sum, per_step)
-    else:
-        totals, codes = None, []
-        for i in range(plan[0].shape[0]):
-            carry, sums = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], plan))
-            codes.append(sums.pop("_nonfinite", None))
-            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        codes = None if codes[0] is None else jnp.stack(codes)
-    if codes is not None:
-        at = jnp.argmax(codes > 0)
-        totals["_nonfinite"], totals["_nonfinite_at"] = codes[at], at.astype(jnp.int32)
+        carry, sums = jax.lax.scan(body, carry, plan, unroll=unroll)
+        return carry, jax.tree_util.tree_map(jnp.sum, sums)
+    totals = None
+    for i in range(plan[0].shape[0]):
+        carry, sums = body(carry, jax.tree_util.tree_map(lambda a, i=i: a[i], plan))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     return carry, totals
 
 
@@ -379,43 +368,83 @@ def _epoch_unroll(params: Params, batch_size: int) -> int:
     return _SMALL_STEP_UNROLL if 2 * batch_size * count < _SMALL_STEP_FLOPS else 1
 
 
+def _halting(step):
+    """``step`` that halts at its first non-finite loss or gradient.
+
+    ``step`` is made with ``guard=True``. The halting step's carry is ``(carry,
+    (code, at, index))``: ``index`` counts the steps run, and from the first step
+    whose code is nonzero on, ``code`` and ``at`` hold that step's code and index
+    and the inner carry stays as it was (the last good point).
+    """
+
+    def halting_step(carry, batch):
+        inner, (code, at, index) = carry
+        new, sums = step(inner, batch)
+        step_code = sums.pop("_nonfinite")
+        first = (code == 0) & (step_code > 0)
+        code = jnp.where(first, step_code, code)
+        at = jnp.where(first, index, at)
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(code > 0, o, n), new, inner)
+        return (new, (code, at, index + 1)), sums
+
+    return halting_step
+
+
+def _no_halt():
+    return jnp.int32(0), jnp.int32(0), jnp.int32(0)
+
+
+@jax.jit
+def all_finite(tree) -> Array:
+    """Whether every floating entry of ``tree`` is finite (one compiled reduction)."""
+    ok = jnp.array(True)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
+
+
 class _Trainer:
-    """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch)."""
+    """Holds the compiled programs of one ``fit`` call (compiled once, reused each epoch).
+
+    Two variants of the epoch: ``"fast"`` trains; ``"halting"`` (compiled only when
+    needed) replays an epoch with :func:`_halting` steps to find its first
+    non-finite step and the last good point before it.
+    """
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
                  shuffle, steps_per_call, value_and_grad=None, data_parallel=None,
-                 compute_dtype=None, scan_unroll=1, guard=False):
+                 compute_dtype=None, scan_unroll=1):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
         self.chunk = self.steps if steps_per_call is None else min(steps_per_call, self.steps)
-        step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
-                          compute_dtype, guard)
+        steps = {variant: _make_step(model, loss, optimizer, penalty, metric_fns,
+                                     value_and_grad, compute_dtype, guard=variant == "halting")
+                 for variant in ("fast", "halting")}
         # Over several devices (jaxnn._sharding): the same step, with each batch split
         # over them and the carry replicated; None keeps the single-device program as is.
         self.data_parallel = data_parallel
         if data_parallel is not None:
-            step = data_parallel.step(step)
-        # Over several CPU devices, each call finishes before the next is dispatched.
-        # With calls queued ahead, XLA:CPU sometimes aborted the process: a device's
-        # all-reduce waited for the other device, which never arrived (MNIST CNN, 4
-        # steps per call, 2 forced devices on 2 cores: about half of the runs of 200
-        # calls; every device's part runs on the one shared thread pool). Waiting for
-        # each call: 23 such runs, none aborted, at the same speed. See RESULTS.md.
+            steps = {variant: data_parallel.step(step) for variant, step in steps.items()}
+        steps["halting"] = _halting(steps["halting"])
+        # Over several CPU devices each call finishes before the next is dispatched:
+        # with calls queued ahead, XLA:CPU's all-reduce could deadlock (RESULTS.md).
         self.wait_each_call = data_parallel is not None and all(
             d.platform == "cpu" for d in data_parallel.mesh.devices.flat)
         self.shuffle = shuffle
 
-        def run_steps(carry, data, idx, weights, keys, start, length):
+        def run_steps(carry, data, idx, weights, keys, start, length, variant):
             plan = jax.tree_util.tree_map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
             )
             # A chunk of a few steps is written out; a whole epoch stays a rolled loop.
-            return scan_steps(step, carry, data, plan, straight_line=steps_per_call is not None,
-                              unroll=scan_unroll)
+            return scan_steps(steps[variant], carry, data, plan,
+                              straight_line=steps_per_call is not None, unroll=scan_unroll)
 
-        self._run_steps = jax.jit(run_steps, donate_argnums=(0,), static_argnames=("length",))
-        self._compiled: dict[int, Any] = {}
+        self._run_steps = jax.jit(run_steps, donate_argnums=(0,),
+                                  static_argnames=("length", "variant"))
+        self._compiled: dict[tuple[str, int], Any] = {}
         self.compile_seconds = 0.0
 
         self.plan = jax.jit(lambda key: epoch_plan(key, n, batch_size, shuffle),
@@ -423,35 +452,32 @@ class _Trainer:
                                {"out_shardings": data_parallel.replicated}))
         self._plan_compiled = None
 
-    def _program(self, length, *args):
+    def _program(self, variant, length, *args):
         """The compiled program running ``length`` steps (compiled ahead, timed, once)."""
-        program = self._compiled.get(length)
+        program = self._compiled.get((variant, length))
         if program is None:
             start = time.perf_counter()
-            program = self._run_steps.lower(*args, length=length).compile()
+            program = self._run_steps.lower(*args, length=length, variant=variant).compile()
             self.compile_seconds += time.perf_counter() - start
-            self._compiled[length] = program
+            self._compiled[variant, length] = program
         return program
 
-    def _chunks(self, steps: int):
-        """``(start, length)`` of the compiled calls that run the first ``steps`` steps."""
-        return [(start, min(self.chunk, steps - start)) for start in range(0, steps, self.chunk)]
-
-    def _run(self, carry, data, plan, steps):
-        """Run the first ``steps`` steps of ``plan``: ``(carry, [(start, sums), ...])``."""
-        chunks = self._chunks(steps)
+    def _run(self, variant, carry, data, plan):
+        """Run the epoch's steps: ``(carry, sums)``, the sums added over the calls."""
+        chunks = [(start, min(self.chunk, self.steps - start))
+                  for start in range(0, self.steps, self.chunk)]
         # Compile every program this epoch needs before running any, so compile time
         # does not overlap (asynchronously dispatched) training and can be told apart.
         for length in sorted({length for _, length in chunks}):
-            self._program(length, carry, data, *plan, jnp.int32(0))
-        results = []
+            self._program(variant, length, carry, data, *plan, jnp.int32(0))
+        totals = None
         for start, length in chunks:
             args = (carry, data, *plan, jnp.int32(start))
-            carry, sums = self._program(length, *args)(*args)
+            carry, sums = self._program(variant, length, *args)(*args)
             if self.wait_each_call:
                 jax.block_until_ready(sums)
-            results.append((start, sums))
-        return carry, results
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        return carry, totals
 
     def _epoch_plan(self, key):
         if self._plan_compiled is None:
@@ -461,65 +487,43 @@ class _Trainer:
         return self._plan_compiled(key)
 
     def epoch(self, carry, data, key):
-        """One epoch: ``(carry, sums, chunks)``; ``sums`` adds up every call's sums and
-        ``chunks`` lists ``(first step, sums)`` per call (see :func:`first_nonfinite`)."""
+        """One epoch: ``(carry, sums)``."""
         if self.data_parallel is not None:  # replicate (once: then a no-op)
             carry = self.data_parallel.put(carry)
-        carry, chunks = self._run(carry, data, self._epoch_plan(key), self.steps)
-        totals = functools.reduce(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
-                                  [sums for _, sums in chunks])
-        return carry, totals, chunks
+        return self._run("fast", carry, data, self._epoch_plan(key))
 
-    def replay(self, carry, data, key, steps):
-        """The carry after the first ``steps`` steps of the epoch of ``key``, run from
-        ``carry`` (the epoch's starting point) by the same compiled calls."""
+    def find_nonfinite(self, carry, data, key):
+        """Replay the epoch of ``key`` from its starting point ``carry`` with halting
+        steps: ``(last good carry, code, step)``, code 0 when every step was finite."""
         if self.data_parallel is not None:
             carry = self.data_parallel.put(carry)
-        return self._run(carry, data, self._epoch_plan(key), steps)[0] if steps else carry
-
-
-def first_nonfinite(chunks) -> tuple[int, int] | None:
-    """``(step, code)`` of the first step whose ``"_nonfinite"`` code is nonzero, from
-    ``[(first step of the call, sums of the call), ...]``; None when every step is finite."""
-    codes = jax.device_get([(sums["_nonfinite"], sums["_nonfinite_at"]) for _, sums in chunks])
-    for (start, _), (code, at) in zip(chunks, codes):
-        if code:
-            return start + int(at), int(code)
-    return None
+        (good, (code, at, _)), _ = self._run("halting", (carry, _no_halt()), data,
+                                             self._epoch_plan(key))
+        return good, int(code), int(at)
 
 
 class _StreamTrainer:
     """The jitted per-step path for data given as an iterable of ``(x, y)`` batches.
 
     Every batch is padded to the size of the first one (padded rows weigh 0), so
-    a ragged last batch does not cause a recompilation. With ``guard``, the first
-    step whose loss or gradient is not finite leaves the carry as it was, and so
-    does every later step of the epoch: the epoch ends at the last good point.
+    a ragged last batch does not cause a recompilation. With ``guard``, the steps
+    halt (:func:`_halting`): the epoch ends at its last good point.
     """
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, value_and_grad=None,
                  compute_dtype=None, guard=False):
         step = _make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
                           compute_dtype, guard)
-
-        def guarded_step(carry, halt, batch, index):
-            new_carry, sums = step(carry, batch)
-            code = sums.pop("_nonfinite")
-            first = (halt[0] == 0) & (code > 0)
-            halt = (jnp.where(first, code, halt[0]), jnp.where(first, index, halt[1]))
-            new_carry = jax.tree_util.tree_map(lambda new, old: jnp.where(halt[0] > 0, old, new),
-                                               new_carry, carry)
-            return new_carry, halt, sums
-
         self.guard = guard
-        self.step = jax.jit(guarded_step if guard else step, donate_argnums=(0,))
+        self.step = jax.jit(_halting(step) if guard else step, donate_argnums=(0,))
         self.batch_size: int | None = None
         self.compile_seconds = 0.0  # not separated from the first step on this path
 
     def epoch(self, carry, batches, key):
-        """One epoch: ``(carry, sums, chunks)`` as :meth:`_Trainer.epoch` returns them."""
+        """One epoch: ``(carry, sums, (code, step))``, as :meth:`_Trainer.find_nonfinite`."""
         totals = None
-        halt = (jnp.int32(0), jnp.int32(0))
+        if self.guard:
+            carry = (carry, _no_halt())
         for index, (xb, yb) in enumerate(batches):
             m = _check_arrays(xb, yb, f"batch {index} x", f"batch {index} y")
             if self.batch_size is None:
@@ -535,19 +539,14 @@ class _StreamTrainer:
 
             xb, yb = jax.tree_util.tree_map(padded, (xb, yb))
             weights = (jnp.arange(self.batch_size) < m).astype(jnp.float32)
-            batch = (xb, yb, weights, jax.random.fold_in(key, index))
-            if self.guard:
-                carry, halt, sums = self.step(carry, halt, batch, jnp.int32(index))
-            else:
-                carry, sums = self.step(carry, batch)
+            carry, sums = self.step(carry, (xb, yb, weights, jax.random.fold_in(key, index)))
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
         if totals is None:
             raise ValueError("the iterable of batches gave no batch in this epoch")
-        chunks = []
-        if self.guard:
-            chunks = [(0, {"_nonfinite": halt[0], "_nonfinite_at": halt[1]})]
-            totals["_nonfinite"] = halt[0]
-        return carry, totals, chunks
+        if not self.guard:
+            return carry, totals, (0, 0)
+        carry, (code, at, _) = carry
+        return carry, totals, (int(code), int(at))
 
 
 def _logs_from_sums(sums: Mapping[str, Array], names: Sequence[str]) -> dict[str, float]:
@@ -811,8 +810,10 @@ def fit(
         ``steps_per_call`` steps) finishes before the next is sent: with calls
         queued, XLA:CPU's all-reduce could deadlock and abort the process.
 
-      on_nonfinite: what to do when a step's loss or gradient is NaN or inf
-        (checked inside the compiled epoch). ``"raise"`` (default): stop and
+      on_nonfinite: what to do when a step's loss or gradient is NaN or inf.
+        After each epoch ``fit`` checks the epoch's summed loss and the updated
+        values (free inside the compiled epoch); when either is not finite it
+        replays the epoch with a check at every step. ``"raise"`` (default): stop and
         raise :class:`NonFiniteError`, naming the epoch and the step; its
         ``result`` holds the params, state and optimizer state from before that
         step. ``"warn"``: the same, as a warning, and return that result.
@@ -913,7 +914,7 @@ def fit(
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
                            shuffle, steps_per_call, value_and_grad, data_parallel=parallel,
                            compute_dtype=compute_dtype,
-                           scan_unroll=_epoch_unroll(params, batch_size), guard=guard)
+                           scan_unroll=_epoch_unroll(params, batch_size))
     validate = None
     if validation_data is not None:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
@@ -946,13 +947,21 @@ def fit(
             compiling = trainer.compile_seconds
             epoch_key = jax.random.fold_in(key, epoch)
             epoch_data = batches_for(epoch) if streaming else data
-            carry, sums, chunks = trainer.epoch(carry, epoch_data, epoch_key)
+            if streaming:
+                carry, sums, (code, step) = trainer.epoch(carry, epoch_data, epoch_key)
+                good = carry
+            else:
+                carry, sums = trainer.epoch(carry, epoch_data, epoch_key)
             sums = jax.device_get(sums)  # waits for the epoch to finish
-            if guard and sums["_nonfinite"]:
-                step, code = first_nonfinite(chunks)
-                good = carry if streaming else trainer.replay(done, data, epoch_key, step)
-                result = FitResult(*good, history, epoch, key, trainer.compile_seconds)
+            if guard and not streaming:
+                # Any NaN/inf loss shows in the epoch's sum, any NaN/inf gradient in the
+                # values it updated; only then is the epoch replayed step by step.
+                code = 0
+                if not (np.isfinite(sums["loss"]) and bool(all_finite(carry))):
+                    good, code, step = trainer.find_nonfinite(done, data, epoch_key)
+            if guard and code:
                 what = _NONFINITE_WHAT[code]
+                result = FitResult(*good, history, epoch, key, trainer.compile_seconds)
                 of_steps = "" if streaming else f"/{trainer.steps}"
                 holder = "the returned result" if on_nonfinite == "warn" else "error.result"
                 message = (
