@@ -69,6 +69,9 @@ class Slow(jaxnn.callbacks.Callback):
 
 
 def main() -> None:
+    # Python raises KeyboardInterrupt on SIGINT only when SIGINT was not ignored at its
+    # start; a test run started in the background (`cmd &`) passes SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     folder = pathlib.Path(sys.argv[1])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 16)).astype(np.float32)
