@@ -20,6 +20,11 @@ convolution and recurrent layers and leaves biases, normalisation scales and
 offsets, and embedding tables alone. The same filter gives an optax mask
 (:func:`mask_from`, :func:`mask_fn`), so weight decay in ``adamw`` and a
 penalty can select the same parameters.
+
+A penalty whose filter selects none of the parameters raises ``ValueError``
+naming the filter and the parameter paths (a layer whose weights are not
+called ``kernel`` would otherwise go unpenalised without a word). A model with
+no parameters at all gets a penalty of 0.
 """
 
 from __future__ import annotations
@@ -167,10 +172,44 @@ def _check_where(where: Any, owner: str) -> None:
         )
 
 
+_PATHS_SHOWN = 12  # parameter paths listed in the no-match error
+
+
+def _filter_name(where: Any) -> str:
+    """How an error message names a filter: its function name, or its pytree's repr."""
+    if callable(where):
+        base = getattr(where, "func", where)  # functools.partial
+        return getattr(base, "__qualname__", None) or repr(where)
+    text = repr(where)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _no_match_error(where: Any, paths: list[str], owner: str) -> ValueError:
+    shown = ", ".join(repr(p) for p in paths[:_PATHS_SHOWN])
+    if len(paths) > _PATHS_SHOWN:
+        shown += f", ... ({len(paths) - _PATHS_SHOWN} more)"
+    hint = (" (kernels_only, the default, selects leaves named 'kernel' or '*_kernel')"
+            if where is kernels_only else "")
+    return ValueError(
+        f"{owner}: the filter where={_filter_name(where)} selects none of the "
+        f"{len(paths)} parameters{hint}, so the penalty would always be 0; the parameter "
+        f"paths are: {shown}. Pass a where= that selects the leaves to penalise, e.g. "
+        "where=lambda path, w: path.endswith('/weight'), or leave the penalty out"
+    )
+
+
 def _selected(where: Any, params: Any, owner: str) -> list[Array]:
+    """The leaves ``where`` selects. Raises if there are leaves and it selects none.
+
+    Decided from the tree's paths and static leaf metadata, so under ``jit`` the
+    check runs once, while tracing, and costs nothing per call. A tree with no
+    leaves at all (a model without parameters) selects nothing and is not an error.
+    """
     mask = mask_from(where, params, owner=owner)
     leaves = jax.tree_util.tree_leaves(params)
     chosen = jax.tree_util.tree_leaves(mask)
+    if leaves and not any(chosen):
+        raise _no_match_error(where, list(leaf_paths(params)), owner)
     return [jnp.asarray(w) for w, on in zip(leaves, chosen) if on]
 
 
@@ -208,6 +247,8 @@ def l1(strength: float, where: Filter | Any = kernels_only) -> Penalty:
 
     Returns:
       ``penalty(params) -> scalar`` (float32, or wider if the leaves are).
+      Calling it raises ``ValueError`` if ``where`` selects none of the leaves
+      of a non-empty ``params``.
     """
     strength = _check_strength(strength, "l1")
     _check_where(where, "l1")
@@ -235,7 +276,8 @@ def l2(strength: float, where: Filter | Any = kernels_only) -> Penalty:
       where: which leaves are penalised; default :func:`kernels_only`.
 
     Returns:
-      ``penalty(params) -> scalar``.
+      ``penalty(params) -> scalar``; raises ``ValueError`` as :func:`l1` does
+      when ``where`` selects no leaf.
     """
     strength = _check_strength(strength, "l2")
     _check_where(where, "l2")
@@ -262,7 +304,8 @@ def elastic_net(
       where: which leaves are penalised; default :func:`kernels_only`.
 
     Returns:
-      ``penalty(params) -> scalar``.
+      ``penalty(params) -> scalar``; raises ``ValueError`` as :func:`l1` does
+      when ``where`` selects no leaf.
     """
     a = _check_strength(l1_strength, "elastic_net", "l1_strength")
     b = _check_strength(l2_strength, "elastic_net", "l2_strength")

@@ -161,9 +161,12 @@ def test_bfloat16_params_sum_in_float32():
     np.testing.assert_allclose(float(value), 64 * 64 * 2.25, rtol=1e-6)
 
 
-def test_nothing_selected_is_zero():
-    params = {"dense_0": {"bias": jnp.ones(3)}}
-    assert float(regularizers.l2(1.0)(params)) == 0.0
+def test_nothing_selected_raises_and_no_params_is_zero():
+    # A filter that selects none of the leaves is an error (tests/test_regularizers_filter.py);
+    # only a tree with no leaves at all gives 0.
+    with pytest.raises(ValueError, match="l2: the filter where=kernels_only selects none"):
+        regularizers.l2(1.0)({"dense_0": {"bias": jnp.ones(3)}})
+    assert float(regularizers.l2(1.0)({"relu_0": {}})) == 0.0
 
 
 def test_bad_strength_errors():
