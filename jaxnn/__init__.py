@@ -20,6 +20,7 @@ from jaxnn import (
     manual,
     metrics,
     optimizers,
+    plotting,
     regularizers,
 )
 from jaxnn.activations import (
@@ -63,6 +64,7 @@ from jaxnn.layers import (
     model,
     stateless,
 )
+from jaxnn.plotting import plot_history
 from jaxnn.population import fit_many, init_many
 from jaxnn.summary import count_params, summarize
 from jaxnn.training import (
@@ -124,6 +126,8 @@ __all__ = [
     "metrics",
     "model",
     "optimizers",
+    "plot_history",
+    "plotting",
     "predict",
     "regularizers",
     "relu",

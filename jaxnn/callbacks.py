@@ -1,14 +1,18 @@
-"""Callbacks for :func:`jaxnn.fit`: early stopping and a checkpoint every epoch."""
+"""Callbacks for :func:`jaxnn.fit`: early stopping, a checkpoint every epoch, and logs
+(CSV rows, TensorBoard scalars)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import os
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnn._typing import Params, PRNGKey, State
 
@@ -189,3 +193,179 @@ class ModelCheckpoint(Callback):
             return
         self._save(result.params, result.state, result.opt_state, result.epoch, result.key,
                    result.history)
+
+
+def _epoch_row(info: EpochEnd) -> dict[str, float]:
+    """The epoch's logged values, then what ``fit`` records only in the history
+    (``seconds``, the epoch's training time), each the history's last entry."""
+    row = dict(info.logs)
+    for name, values in info.history.items():
+        if name not in row and values:
+            row[name] = values[-1]
+    return row
+
+
+class CSVLogger(Callback):
+    """Write one CSV row per epoch: ``epoch`` and every logged value.
+
+    ``epoch`` counts completed epochs from 1, as the console's ``Epoch 3/10``
+    and :attr:`FitResult.epoch`. The other columns are the first epoch's logs
+    (``loss``, ``accuracy``, ``val_loss``, ...) in their order, then ``seconds``
+    (the epoch's training time, from the history). The columns are fixed by the
+    first row: a value missing at a later epoch is left empty, and a name that
+    first appears later raises ``ValueError`` (a CSV cannot grow a column
+    without rewriting every row; start a new file instead). Each row is written
+    and the file closed at the end of its epoch, so a crash keeps every
+    finished epoch. Values are written with ``repr``, so they read back exactly.
+
+    With ``append=True`` an existing file is continued (a resumed run): its
+    header must list the same columns as this run's first row, else
+    ``ValueError`` names both and the file is left as it was. Rows of the
+    epochs this run writes again (those after its ``initial_epoch``, written
+    after the checkpoint it resumes from) are dropped when its first row is
+    written, so the file keeps one row per epoch and matches the resumed
+    history. A missing or empty file is started with a header.
+
+    Args:
+      path: the CSV file; its folder is created if needed.
+      append: continue an existing file instead of overwriting it.
+      separator: the field separator.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = False,
+                 separator: str = ",") -> None:
+        self.path = pathlib.Path(path)
+        self.append = append
+        self.separator = separator
+        self.columns: list[str] | None = None
+
+    def _read(self) -> tuple[list[str] | None, list[list[str]]]:
+        """The existing file's header and rows (``None, []`` when absent or empty)."""
+        if not self.path.exists():
+            return None, []
+        with open(self.path, newline="") as f:
+            lines = list(csv.reader(f, delimiter=self.separator))
+        if not lines:
+            return None, []
+        return lines[0], lines[1:]
+
+    def on_train_begin(self, info: TrainBegin | None = None) -> None:
+        self.columns = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.append:
+            self.path.write_text("")  # a fresh file now, not rows of an older run
+
+    def _drop_rows_after(self, epoch: int, header: list[str], rows: list[list[str]]) -> None:
+        """Rewrite the file without the rows of epochs after ``epoch`` (atomically)."""
+        kept = [row for row in rows if row and int(row[0]) <= epoch]
+        if len(kept) < len(rows):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f, delimiter=self.separator).writerows([header, *kept])
+            os.replace(tmp, self.path)
+
+    def on_epoch_end(self, info: EpochEnd) -> bool:
+        row = {"epoch": info.epoch + 1, **_epoch_row(info)}
+        header: list[str] | None = None
+        mode = "a"
+        if self.columns is None:
+            columns = list(row)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            existing, rows = self._read() if self.append else (None, [])
+            if existing is None:
+                header, mode = columns, "w"
+            elif existing != columns:
+                raise ValueError(
+                    f"CSVLogger: {str(self.path)!r} has columns {existing}, but this run logs "
+                    f"{columns}; append to a file written by the same kind of run, or use a "
+                    "new path")
+            else:
+                self._drop_rows_after(info.epoch, existing, rows)
+            self.columns = columns
+        new = [name for name in row if name not in self.columns]
+        if new:
+            raise ValueError(
+                f"CSVLogger: epoch {info.epoch + 1} logs {new}, which the first epoch did not; "
+                f"the columns of {str(self.path)!r} are fixed at {self.columns}")
+        with open(self.path, mode, newline="") as f:
+            writer = csv.writer(f, delimiter=self.separator)
+            if header is not None:
+                writer.writerow(header)
+            writer.writerow([_csv_value(row.get(name, "")) for name in self.columns])
+        return False
+
+
+def _csv_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    return repr(float(value))
+
+
+def _summary_writer_class() -> Any:
+    """tensorboardX's ``SummaryWriter``, else PyTorch's (which writes through the
+    ``tensorboard`` package); ``ImportError`` with the pip command if neither."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError(
+                "jaxnn.callbacks.TensorBoard needs tensorboardX: pip install 'jaxnn[tensorboard]' "
+                "(or pip install tensorboardX)") from None
+    return SummaryWriter
+
+
+class TensorBoard(Callback):
+    """Write every epoch's logged values as TensorBoard scalars.
+
+    Training values go to ``logdir/train`` and the ``val_`` values, without
+    the prefix, to ``logdir/validation``, so TensorBoard draws ``loss`` and
+    ``val_loss`` as two runs on one chart. The step is the epoch count from 1
+    (as the console's ``Epoch 3/10``); ``seconds`` (the epoch's training time)
+    is written too. Scalars are stored as float32. Each epoch is flushed, so a
+    crash keeps what was written. View with ``tensorboard --logdir LOGDIR``.
+
+    Needs tensorboardX (``pip install 'jaxnn[tensorboard]'``) or PyTorch's
+    writer with ``tensorboard`` installed; without either, constructing this
+    raises ``ImportError`` with the pip command.
+
+    Args:
+      logdir: the folder for the event files (created if needed).
+    """
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        self._writer_class = _summary_writer_class()
+        self.logdir = pathlib.Path(logdir)
+        self._writers: dict[str, Any] = {}
+
+    def _writer(self, run: str) -> Any:
+        if run not in self._writers:
+            self._writers[run] = self._writer_class(str(self.logdir / run))
+        return self._writers[run]
+
+    def on_train_begin(self, info: TrainBegin | None = None) -> None:
+        self._close()
+
+    def on_epoch_end(self, info: EpochEnd) -> bool:
+        step = info.epoch + 1
+        for name, value in _epoch_row(info).items():
+            run, tag = ("validation", name[4:]) if name.startswith("val_") else ("train", name)
+            self._writer(run).add_scalar(tag, float(value), global_step=step)
+        for writer in self._writers.values():
+            writer.flush()
+        return False
+
+    def _close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+    def on_train_end(self, result: FitResult) -> FitResult:
+        self._close()
+        return result
+
+    def on_train_interrupted(self, result: FitResult) -> None:
+        self._close()
