@@ -12,6 +12,7 @@ from jaxnn import (
     activations,
     callbacks,
     checkpoint,
+    compilation_cache,
     datasets,
     host_memory,
     initializers,
@@ -37,6 +38,7 @@ from jaxnn.activations import (
     tanh,
 )
 from jaxnn.checkpoint import resume
+from jaxnn.compilation_cache import enable_compilation_cache
 from jaxnn.gradcheck import check_grads
 from jaxnn.layers import (
     GRU,
@@ -66,6 +68,7 @@ from jaxnn.layers import (
 )
 from jaxnn.plotting import plot_history
 from jaxnn.population import fit_many, init_many
+from jaxnn.saving import load, save
 from jaxnn.summary import count_params, summarize
 from jaxnn.training import (
     FitResult,
@@ -108,9 +111,11 @@ __all__ = [
     "callbacks",
     "check_grads",
     "checkpoint",
+    "compilation_cache",
     "count_params",
     "datasets",
     "elu",
+    "enable_compilation_cache",
     "evaluate",
     "fit",
     "fit_many",
@@ -120,6 +125,7 @@ __all__ = [
     "initializers",
     "layers",
     "leaky_relu",
+    "load",
     "log_softmax",
     "losses",
     "manual",
@@ -132,6 +138,7 @@ __all__ = [
     "regularizers",
     "relu",
     "resume",
+    "save",
     "sigmoid",
     "silu",
     "softmax",
