@@ -13,9 +13,24 @@ So ours and optax's are interchangeable, and ours compose with optax's
 The update rules are written here with :func:`jax.tree_util.tree_map`; they
 agree number for number with their optax counterparts (tested in float64).
 
-A learning rate is a float or a schedule: a function of the step count, such
-as :func:`optax.exponential_decay`. As in optax, the schedule is called with
-the count *before* this update, so the first update uses ``schedule(0)``.
+A learning rate is a float or a schedule: a function ``t -> lr(t)`` of the
+step count. As in optax, the schedule is called with the count *before* this
+update, so the first update uses ``schedule(0)``. This module has the usual
+ones, each with its formula in the docstring and its arguments checked:
+
+* :func:`constant`: ``lr(t) = value``;
+* :func:`exponential_decay`: ``lr(t) = init_value * decay_rate ** (t / transition_steps)``;
+* :func:`cosine_decay`: from ``init_value`` down to ``alpha * init_value`` over
+  ``decay_steps``, along half a cosine;
+* :func:`warmup_cosine_decay`: a linear warmup to ``peak_value``, then a
+  cosine decay to ``end_value``;
+* :func:`piecewise_constant`: ``values[i]`` between ``boundaries[i - 1]``
+  and ``boundaries[i]``.
+
+They take optax's argument names and order, and are plain functions of the
+count, so they work with every optimizer here and with optax's
+(``optax.adam(jaxnn.optimizers.cosine_decay(1e-3, 10_000))``); optax's own
+schedules (``optax.linear_schedule``, ...) work with ours.
 
 Updates and optimizer state keep the dtype of the gradients and parameters:
 bfloat16 parameters get bfloat16 moments and updates.
@@ -35,7 +50,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
@@ -56,8 +71,13 @@ __all__ = [
     "SgdState",
     "adam",
     "adamw",
+    "constant",
+    "cosine_decay",
+    "exponential_decay",
     "gradient_descent",
+    "piecewise_constant",
     "sgd",
+    "warmup_cosine_decay",
 ]
 
 
@@ -358,3 +378,204 @@ def adamw(
         return _scale_by_learning_rate(direction, learning_rate, state.count), new_state
 
     return optax.GradientTransformation(init, update)
+
+
+# -- learning-rate schedules -------------------------------------------------
+#
+# Each factory checks its arguments (errors name the schedule and the argument)
+# and returns ``schedule(count) -> scalar``: a pure function of the step count
+# (a Python int or an int array, traced under jit), evaluated in JAX's default
+# float (float32, or float64 under x64).
+
+
+def _check_value(value: Any, owner: str, what: str) -> float:
+    """A finite Python number >= 0 (a learning rate, or a value a schedule takes)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {what} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _check_steps(value: Any, owner: str, what: str, *, low: int = 1) -> int:
+    """A step count: a Python int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{owner}: {what} must be an int (a number of steps), got {value!r}")
+    if value < low:
+        raise ValueError(f"{owner}: {what} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def _steps_as_float(count: ArrayLike) -> Array:
+    return jnp.asarray(count).astype(jnp.result_type(float))
+
+
+def constant(value: float) -> Schedule:
+    """A constant schedule: ``lr(t) = value`` for every step ``t``.
+
+    Same as passing the float itself; useful where a schedule is expected.
+
+    Args:
+      value: a finite number ``>= 0``.
+    """
+    value = _check_value(value, "constant", "value")
+
+    def schedule(count: ArrayLike) -> Array:
+        return jnp.full(jnp.shape(count), value, jnp.result_type(float))
+
+    return schedule
+
+
+def exponential_decay(
+    init_value: float,
+    transition_steps: int,
+    decay_rate: float,
+    *,
+    staircase: bool = False,
+) -> Schedule:
+    """Exponential decay: the rate is multiplied by ``decay_rate`` every
+    ``transition_steps`` steps::
+
+        lr(t) = init_value * decay_rate ** (t / transition_steps)
+        lr(t) = init_value * decay_rate ** floor(t / transition_steps)   (staircase=True)
+
+    Equals ``optax.exponential_decay(init_value, transition_steps, decay_rate,
+    staircase=staircase)``.
+
+    Args:
+      init_value: ``lr(0)``, a finite number ``>= 0``.
+      transition_steps: the steps over which the rate is multiplied by
+        ``decay_rate``, an int ``>= 1``.
+      decay_rate: ``> 0``; below 1 decays, above 1 grows.
+      staircase: decay in whole steps of ``transition_steps`` rather than smoothly.
+    """
+    owner = "exponential_decay"
+    init_value = _check_value(init_value, owner, "init_value")
+    transition_steps = _check_steps(transition_steps, owner, "transition_steps")
+    decay_rate = _check_value(decay_rate, owner, "decay_rate")
+    if decay_rate == 0:
+        raise ValueError(f"{owner}: decay_rate must be > 0, got 0.0")
+
+    def schedule(count: ArrayLike) -> Array:
+        exponent = _steps_as_float(count) / transition_steps
+        if staircase:
+            exponent = jnp.floor(exponent)
+        return init_value * jnp.power(decay_rate, exponent)
+
+    return schedule
+
+
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """Cosine decay (Loshchilov and Hutter's SGDR, without restarts)::
+
+        lr(t) = init_value * ((1 - alpha) * (1 + cos(pi * min(t, T) / T)) / 2 + alpha)
+
+    with ``T = decay_steps``: ``init_value`` at ``t = 0``, down along half a
+    cosine to ``alpha * init_value`` at ``t = T``, and constant after. Equals
+    ``optax.cosine_decay_schedule(init_value, decay_steps, alpha)``.
+
+    Args:
+      init_value: ``lr(0)``, a finite number ``>= 0``.
+      decay_steps: ``T``, an int ``>= 1``.
+      alpha: the final value as a fraction of ``init_value``, in ``[0, 1]``.
+    """
+    owner = "cosine_decay"
+    init_value = _check_value(init_value, owner, "init_value")
+    decay_steps = _check_steps(decay_steps, owner, "decay_steps")
+    alpha = _check_value(alpha, owner, "alpha")
+    if alpha > 1:
+        raise ValueError(f"{owner}: alpha (the final fraction of init_value) must be in "
+                         f"[0, 1], got {alpha!r}")
+
+    def schedule(count: ArrayLike) -> Array:
+        t = jnp.minimum(_steps_as_float(count), decay_steps)
+        cosine = (1 + jnp.cos(jnp.pi * t / decay_steps)) / 2
+        return init_value * ((1 - alpha) * cosine + alpha)
+
+    return schedule
+
+
+def warmup_cosine_decay(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: float = 0.0,
+) -> Schedule:
+    """Linear warmup, then cosine decay. With ``W = warmup_steps`` and
+    ``T = decay_steps`` (the *total* length, warmup included, as in optax)::
+
+        lr(t) = init_value + (peak_value - init_value) * t / W              for t < W
+        lr(t) = end_value + (peak_value - end_value)
+                * (1 + cos(pi * min(t - W, T - W) / (T - W))) / 2            for t >= W
+
+    so the rate climbs from ``init_value`` to ``peak_value`` at ``t = W``, falls
+    to ``end_value`` at ``t = T``, and stays there. Equals
+    ``optax.warmup_cosine_decay_schedule(init_value, peak_value, warmup_steps,
+    decay_steps, end_value)``.
+
+    Args:
+      init_value: ``lr(0)``, a finite number ``>= 0`` (often 0).
+      peak_value: the rate at the end of the warmup, ``>= 0``.
+      warmup_steps: ``W``, an int ``>= 0`` (0: no warmup).
+      decay_steps: ``T``, the total number of steps, an int ``> warmup_steps``.
+      end_value: the final rate, ``>= 0``.
+    """
+    owner = "warmup_cosine_decay"
+    init_value = _check_value(init_value, owner, "init_value")
+    peak_value = _check_value(peak_value, owner, "peak_value")
+    end_value = _check_value(end_value, owner, "end_value")
+    warmup_steps = _check_steps(warmup_steps, owner, "warmup_steps", low=0)
+    decay_steps = _check_steps(decay_steps, owner, "decay_steps")
+    if warmup_steps >= decay_steps:
+        raise ValueError(
+            f"{owner}: warmup_steps ({warmup_steps}) must be less than decay_steps "
+            f"({decay_steps}), the total length of the schedule, warmup included"
+        )
+    cosine_steps = decay_steps - warmup_steps
+
+    def schedule(count: ArrayLike) -> Array:
+        t = _steps_as_float(count)
+        warm = init_value + (peak_value - init_value) * t / max(warmup_steps, 1)
+        s = jnp.clip(t - warmup_steps, 0, cosine_steps)
+        cosine = end_value + (peak_value - end_value) * (1 + jnp.cos(jnp.pi * s / cosine_steps)) / 2
+        return jnp.where(t < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def piecewise_constant(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
+    """A step function: ``values[i]`` from step ``boundaries[i - 1]`` until
+    step ``boundaries[i]``::
+
+        lr(t) = values[i],   i = the number of boundaries b with b <= t
+
+    e.g. ``piecewise_constant([1000, 2000], [1e-2, 1e-3, 1e-4])`` gives 1e-2
+    for steps 0 to 999, 1e-3 for 1000 to 1999, 1e-4 from 2000 on. (optax's
+    ``piecewise_constant_schedule`` takes multiplying factors instead of values.)
+
+    Args:
+      boundaries: strictly increasing ints ``>= 1`` (may be empty).
+      values: ``len(boundaries) + 1`` finite numbers ``>= 0``.
+    """
+    owner = "piecewise_constant"
+    boundaries = [_check_steps(b, owner, f"boundaries[{i}]") for i, b in enumerate(boundaries)]
+    values = [_check_value(v, owner, f"values[{i}]") for i, v in enumerate(values)]
+    for i in range(1, len(boundaries)):
+        if boundaries[i] <= boundaries[i - 1]:
+            raise ValueError(f"{owner}: boundaries must be strictly increasing, got "
+                             f"boundaries[{i - 1}] = {boundaries[i - 1]} and "
+                             f"boundaries[{i}] = {boundaries[i]}")
+    if len(values) != len(boundaries) + 1:
+        raise ValueError(f"{owner}: values must have len(boundaries) + 1 = "
+                         f"{len(boundaries) + 1} entries, got {len(values)}")
+
+    def schedule(count: ArrayLike) -> Array:
+        table = jnp.asarray(values, jnp.result_type(float))
+        if not boundaries:
+            return jnp.full(jnp.shape(count), table[0])
+        index = jnp.sum(jnp.asarray(count)[..., None] >= jnp.asarray(boundaries), axis=-1)
+        return table[index]
+
+    return schedule
