@@ -37,12 +37,23 @@ Entries of the ``.npz`` (each stored as ``<name>.npy`` inside the zip):
        "epoch": 3,
        "key": {"impl": "threefry2x32"}   # null impl: legacy key; null: no key
        "sections": {"params": ["params/dense_0/bias", ...], "opt_state": [...]},
+       "trees": {"params": {"dict": {"dense_0": {"dict": {"bias": "params/dense_0/bias",
+                                                          "kernel": ...}}}},
+                 "opt_state": null},
        "arrays": {"params/dense_0/kernel": {"shape": [784, 64], "dtype": "float32",
                   "stored_dtype": "float32", "sha256": "<hex digest>"}, ...},
        "metadata": {...}}
 
   ``sections`` lists the sections saved (an empty list for an empty tree such
-  as ``state={}``; a section saved as ``None`` is absent). ``sha256`` is the
+  as ``state={}``; a section saved as ``None`` is absent). ``trees`` gives each
+  section's structure, so :func:`jaxnn.load` needs no template: a leaf is its
+  array's name, a container ``{"dict": {key: ...}}`` (string keys, sorted),
+  ``{"list": [...]}``, ``{"tuple": [...]}`` or ``{"none": null}``; a section
+  with any other node (a NamedTuple, as in optax states) is ``null`` and needs
+  a template. ``trees`` was added without a version change (readers ignore
+  fields they do not know); for files without it :func:`jaxnn.load` rebuilds
+  nested dicts from the array names. ``sections`` may also hold ``extra``, the
+  arrays passed to :func:`jaxnn.save` as extras. ``sha256`` is the
   digest of the stored array's bytes in C order. Dtypes numpy cannot save
   portably (``bfloat16``, the float8 types, ``int4``: numpy kind ``"V"``) are
   stored as unsigned integers of the same width (``stored_dtype`` ``uint16``
@@ -188,6 +199,79 @@ def _named_leaves(section: str, tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     return named, treedef
 
 
+def _describe_tree(section: str, tree: Any, names: list[str]) -> Any:
+    """The manifest's JSON description of ``tree`` (see the module docstring), or
+    None when it holds a node other than a dict with string keys, a list, a tuple
+    or None (a NamedTuple, say): such a tree is restored from a template only.
+    ``names`` are the leaf names in flattening order, to check the description."""
+    found: list[str] = []
+
+    class _Unsupported(Exception):
+        pass
+
+    def describe(node: Any, name: str) -> Any:
+        if node is None:
+            return {"none": None}
+        if type(node) is dict:
+            if not all(isinstance(k, str) for k in node):
+                raise _Unsupported
+            return {"dict": {k: describe(node[k], f"{name}/{k}") for k in sorted(node)}}
+        if type(node) in (list, tuple):
+            kind = "list" if type(node) is list else "tuple"
+            return {kind: [describe(v, f"{name}/{i}") for i, v in enumerate(node)]}
+        if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(node)):
+            raise _Unsupported
+        found.append(name)
+        return name
+
+    try:
+        description = describe(tree, section)
+    except _Unsupported:
+        return None
+    return description if found == names else None
+
+
+def _build_tree(description: Any, leaf: Callable[[str], Any]) -> Any:
+    """The tree a :func:`_describe_tree` description stands for, its leaves
+    ``leaf(name)``. Raises ValueError for a malformed description."""
+    if isinstance(description, str):
+        return leaf(description)
+    if not isinstance(description, dict) or len(description) != 1:
+        raise ValueError(f"malformed tree node {description!r:.80}")
+    (kind, body), = description.items()
+    if kind == "none" and body is None:
+        return None
+    if kind == "dict" and isinstance(body, dict):
+        return {k: _build_tree(v, leaf) for k, v in body.items()}
+    if kind in ("list", "tuple") and isinstance(body, list):
+        items = [_build_tree(v, leaf) for v in body]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"malformed tree node {description!r:.80}")
+
+
+def _tree_from_names(section: str, names: list[str]) -> Any:
+    """The description of nested dicts rebuilt from leaf names
+    (``params/dense_0/kernel``), for files written before the manifest described trees."""
+    if names == [section]:
+        return section
+    tree: dict[str, Any] = {}
+    for name in names:
+        *parents, last = name.split("/")[1:]
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"'{name}' is below another array")
+        node[last] = name
+
+    def describe(node: Any) -> Any:
+        if isinstance(node, str):
+            return node
+        return {"dict": {k: describe(v) for k, v in node.items()}}
+
+    return describe(tree)
+
+
 # -- arrays -------------------------------------------------------------------
 
 
@@ -196,18 +280,18 @@ def _sha256(stored: np.ndarray) -> str:
     return hashlib.sha256(flat).hexdigest()
 
 
-def _to_storable(name: str, leaf: Any) -> tuple[np.ndarray, np.dtype]:
+def _to_storable(name: str, leaf: Any, who: str) -> tuple[np.ndarray, np.dtype]:
     """``(stored array, logical dtype)``: ml_dtypes (kind "V") as same-width uints."""
     dtype = getattr(leaf, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         raise TypeError(
-            f"save_checkpoint: leaf '{name}' is a typed PRNG key array; pass the key "
+            f"{who}: leaf '{name}' is a typed PRNG key array; pass the key "
             "as key=... (or store jax.random.key_data(k) in the tree)"
         )
     array = np.asarray(leaf)
     if array.dtype.kind == "O" or array.dtype.fields is not None:
         raise TypeError(
-            f"save_checkpoint: leaf '{name}' has dtype {array.dtype}; only numeric "
+            f"{who}: leaf '{name}' has dtype {array.dtype}; only numeric "
             "arrays can be saved"
         )
     if array.dtype.kind == "V":
@@ -356,18 +440,34 @@ def save_checkpoint(
         metadata_json = json.loads(json.dumps(dict(metadata or {}), default=_json_default))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"save_checkpoint: metadata must be JSON-serialisable: {exc}") from exc
+    return _write_checkpoint(
+        path, {"params": params, "state": state, "opt_state": opt_state},
+        epoch=epoch, key=key, metadata=metadata_json, who="save_checkpoint")
 
+
+def _write_checkpoint(
+    path: pathlib.Path,
+    trees: Mapping[str, Any],
+    *,
+    epoch: int,
+    key: PRNGKey | None,
+    metadata: dict[str, Any],
+    who: str,
+) -> pathlib.Path:
+    """Write the sections ``trees`` (name -> pytree or None), the key and the
+    JSON ``metadata`` as one checkpoint file; ``who`` starts the error messages."""
     arrays: dict[str, np.ndarray] = {}
     entries: dict[str, dict[str, Any]] = {}
     sections: dict[str, list[str]] = {}
+    described: dict[str, Any] = {}
 
     def add(name: str, leaf: Any) -> None:
         if name in arrays or name == _MANIFEST:
             raise ValueError(
-                f"save_checkpoint: two leaves are both named '{name}'; "
+                f"{who}: two leaves are both named '{name}'; "
                 "dict keys must not contain '/'"
             )
-        stored, dtype = _to_storable(name, leaf)
+        stored, dtype = _to_storable(name, leaf, who)
         arrays[name] = stored
         entries[name] = {
             "shape": list(stored.shape),
@@ -376,11 +476,12 @@ def save_checkpoint(
             "sha256": _sha256(stored),
         }
 
-    for section, tree in (("params", params), ("state", state), ("opt_state", opt_state)):
+    for section, tree in trees.items():
         if tree is None:
             continue
         named, _ = _named_leaves(section, tree)
         sections[section] = [name for name, _ in named]
+        described[section] = _describe_tree(section, tree, sections[section])
         for name, leaf in named:
             add(name, leaf)
 
@@ -396,7 +497,7 @@ def save_checkpoint(
             add(_KEY, key)
         else:
             raise TypeError(
-                "save_checkpoint: key must be a typed key (jax.random.key) or a legacy "
+                f"{who}: key must be a typed key (jax.random.key) or a legacy "
                 f"uint32 key (jax.random.PRNGKey), got dtype {key.dtype}"
             )
 
@@ -411,8 +512,9 @@ def save_checkpoint(
         "epoch": epoch,
         "key": key_info,
         "sections": sections,
+        "trees": described,
         "arrays": entries,
-        "metadata": metadata_json,
+        "metadata": metadata,
     }
     arrays[_MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -530,6 +632,12 @@ def _restore_section(archive: _Archive, section: str, target: Any) -> Any:
     named, treedef = _named_leaves(section, target)
     wanted = [name for name, _ in named]
     saved = list(sections[section])
+    if not wanted and saved:
+        raise archive.error(
+            f"the '{section}' template is empty ({target!r:.40}) but the file holds "
+            f"{len(saved)} arrays there ({_format_names(saved, 3)}); pass a template "
+            f"of the saved structure (e.g. freshly initialised {section}) or none"
+        )
     saved_set, wanted_set = set(saved), set(wanted)
     missing = [n for n in wanted if n not in saved_set]
     extra = [n for n in saved if n not in wanted_set]
@@ -561,6 +669,46 @@ def _restore_section(archive: _Archive, section: str, target: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _read_section(archive: _Archive, section: str) -> Any:
+    """The section as saved, without a template: its structure from the manifest's
+    ``trees`` (or, in files written before it, nested dicts rebuilt from the names)."""
+    names = archive.manifest["sections"][section]
+    trees = archive.manifest.get("trees")
+    if trees is None:
+        try:
+            description = _tree_from_names(section, names)
+        except ValueError as exc:
+            raise archive.error(f"corrupt manifest: '{section}': {exc}") from exc
+    elif trees.get(section) is None:
+        raise archive.error(
+            f"'{section}' was saved from a pytree with nodes other than dicts, lists, "
+            "tuples and None (e.g. a NamedTuple), so its structure is not in the file; "
+            f"pass a template: {section}=..."
+        )
+    else:
+        description = trees[section]
+
+    def leaf(name: str) -> jax.Array:
+        if name not in names:
+            raise archive.error(f"corrupt manifest: the '{section}' tree names '{name}', "
+                                "which its section does not list")
+        stored = archive.read(name)
+        array = jnp.asarray(stored)
+        if array.dtype != stored.dtype:  # float64 or int64 while jax_enable_x64 is off
+            raise archive.error(
+                f"'{name}' is {stored.dtype.name}, which JAX would turn into "
+                f"{array.dtype.name}: enable jax_enable_x64 to load it"
+            )
+        return array
+
+    try:
+        return _build_tree(description, leaf)
+    except ValueError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise archive.error(f"corrupt manifest: '{section}' tree: {exc}") from exc
+
+
 def read_manifest(path: PathLike) -> dict[str, Any]:
     """The manifest of the checkpoint at ``path`` (epoch, arrays, metadata...),
     without reading the arrays. Raises :class:`CheckpointError` as restore does."""
@@ -587,15 +735,23 @@ def restore_checkpoint(path: PathLike, *, target: Mapping[str, Any]) -> Checkpoi
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      CheckpointError: naming the file: not a zip or truncated, a checksum
-        mismatch, a missing array, an unknown format version, a section the
-        file lacks, a tree-structure mismatch (the missing and extra paths are
-        listed), or a shape or dtype mismatch (the path, expected and actual).
+      CheckpointError: naming the file: ``target`` names no section (``{}``, or
+        only ``None`` values), not a zip or truncated, a checksum mismatch, a
+        missing array, an unknown format version, a section the file lacks, an
+        empty template for a saved section, a tree-structure mismatch (the
+        missing and extra paths are listed), or a shape or dtype mismatch (the
+        path, expected and actual).
     """
     unknown = sorted(set(target) - set(SECTIONS))
     if unknown:
         raise ValueError(
             f"restore_checkpoint: unknown target keys {unknown}; expected some of {SECTIONS}"
+        )
+    if all(target.get(section) is None for section in SECTIONS):
+        raise CheckpointError(
+            f"{path}: restore_checkpoint: the target names no section to restore "
+            f"({dict(target)!r:.60}); give templates for some of {SECTIONS}, e.g. "
+            "target={'params': params}, or read without one with jaxnn.load(path)"
         )
     with _Archive(pathlib.Path(path)) as archive:
         manifest = archive.manifest
