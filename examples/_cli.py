@@ -16,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from jaxnn import compilation_cache
 from jaxnn.checkpoint import CheckpointError
 from jaxnn.datasets import DatasetError
 
@@ -27,6 +30,8 @@ DATA_DIR_ENV = "JAXNN_DATA_DIR"  # read by jaxnn.datasets.mnist when no folder i
 # uncompressed and with the dotted name (train-images.idx3-ubyte[.gz]).
 MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CACHE_DIR_ENV = compilation_cache.CACHE_DIR_ENV  # the compilation cache's folder
+DEFAULT_VALIDATION_SPLIT = 0.1  # Keras's habit: 6,000 of MNIST's 60,000 training images
 MAX_SEED = 2**32 - 1  # jax.random.key(seed) uses the low 32 bits: larger seeds repeat
 
 
@@ -104,11 +109,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def validation_fraction(text: str) -> float:
+    value = _number(text, float, "a fraction from 0 to below 1")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1, got {text!r}")
+    return value
+
+
 # -- the flags every example has ------------------------------------------------------
 
 
 def add_data_flags(parser, *, epochs: int, batch_size: int, optimizers, default_lr):
-    """--data-dir, --epochs, --batch-size, --optimizer, --lr, --optax."""
+    """--data-dir, --epochs, --batch-size, --optimizer, --lr, --optax,
+    --validation-split, --train-limit, --test-limit."""
     parser.add_argument("--data-dir", metavar="DIR",
                         help="folder with the four MNIST IDX files (default: "
                         f"${DATA_DIR_ENV}, the cache, a download, tensorflow-datasets, "
@@ -124,28 +137,46 @@ def add_data_flags(parser, *, epochs: int, batch_size: int, optimizers, default_
                         help=f"learning rate (default: {lrs})")
     parser.add_argument("--optax", action="store_true",
                         help="use optax's optimizer instead of jaxnn's own")
+    parser.add_argument("--validation-split", type=validation_fraction,
+                        default=DEFAULT_VALIDATION_SPLIT, metavar="FRACTION",
+                        help="hold out this fraction of the training examples (the last "
+                        "ones) to validate on after each epoch; the test set is used "
+                        "once, at the end; 0: no validation")
+    parser.add_argument("--train-limit", type=positive_int, default=None, metavar="N",
+                        help="train (and validate) on the first N training examples only "
+                        "(quick runs, tests)")
+    parser.add_argument("--test-limit", type=positive_int, default=None, metavar="N",
+                        help="test on the first N test examples only")
 
 
 def add_output_flags(parser):
-    """--seed, --plot, --checkpoint-dir, --json, --quiet."""
+    """--seed, --plot, --checkpoint-dir, --json, --quiet, --cache-dir, --no-compile-cache."""
     parser.add_argument("--seed", type=seed, default=0,
                         help=f"random seed for initialisation, shuffling and dropout, "
                         f"0 to {MAX_SEED}")
     parser.add_argument("--plot", metavar="FILE",
-                        help="save training curves to this image file (PNG, or another "
-                        "format matplotlib writes, by the file's extension)")
+                        help="save three PNG images: the training curves to FILE (a .png "
+                        "name), the test set's confusion matrix to STEM_confusion.png and "
+                        "the test digits the model gets wrong to STEM_errors.png beside it")
     parser.add_argument("--checkpoint-dir", metavar="DIR",
                         help="save a checkpoint every epoch here, and resume from the "
                         "latest one found there")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results as the last line")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="JAX's persistent compilation cache: compiled programs are "
+                        "saved here and reused by the next run, which then starts faster "
+                        f"(default: ${CACHE_DIR_ENV}, else ~/.cache/jaxnn/jax-compilation-cache)")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program afresh: no persistent compilation cache")
 
 
 def check_paths(parser, args):
-    """Check --plot, --checkpoint-dir and --data-dir (or $JAXNN_DATA_DIR) before any work.
+    """Check --plot, --checkpoint-dir, --cache-dir and --data-dir (or $JAXNN_DATA_DIR)
+    before any work.
 
-    A bad --plot or --checkpoint-dir is a usage error (status 2); a data folder that is
+    A bad --plot, --checkpoint-dir or --cache-dir is a usage error (status 2); a data folder that is
     missing, unreadable or lacks the MNIST files is a data error (status 1).
     """
     if args.data_dir == "":
@@ -154,6 +185,10 @@ def check_paths(parser, args):
         check_plot_file(parser, "--plot", args.plot)
     if args.checkpoint_dir is not None:
         check_output_dir(parser, "--checkpoint-dir", args.checkpoint_dir)
+    if args.cache_dir is not None:
+        if args.no_compile_cache:
+            parser.error("--cache-dir: not with --no-compile-cache (which turns the cache off)")
+        check_output_dir(parser, "--cache-dir", args.cache_dir)
     if args.data_dir is not None:
         check_data_dir("--data-dir", args.data_dir)
     elif os.environ.get(DATA_DIR_ENV):
@@ -164,29 +199,49 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def plot_files(name) -> tuple[Path, Path, Path]:
+    """``--plot FILE``'s three images: FILE (the curves), STEM_confusion.png and
+    STEM_errors.png in FILE's folder."""
+    path = Path(name)
+    return (path, path.with_name(f"{path.stem}_confusion{path.suffix}"),
+            path.with_name(f"{path.stem}_errors{path.suffix}"))
+
+
 def check_plot_file(parser, flag: str, name: str) -> None:
-    """A file matplotlib can write to: its folder exists, and its extension is a format."""
+    """A .png name in a folder that exists, where its three images can be written."""
     if not name:
         parser.error(f"{flag}: expected a file name, got an empty name")
     path = Path(name)
     if path.is_dir():
         parser.error(f"{flag} {name}: is a folder; expected a file name")
+    if path.suffix.lower() != ".png":
+        parser.error(f"{flag} {name}: expected a .png file name (the images are PNG)")
     folder = path.parent
     if not folder.exists():
         parser.error(f"{flag} {name}: the folder {folder} does not exist")
     if not folder.is_dir():
         parser.error(f"{flag} {name}: {folder} is not a folder")
-    if not _writable(folder) or (path.exists() and not os.access(path, os.W_OK)):
+    if not _writable(folder) or any(p.exists() and not os.access(p, os.W_OK)
+                                    for p in plot_files(path)):
         parser.error(f"{flag} {name}: cannot write there (permission denied)")
     try:
-        from matplotlib.backend_bases import FigureCanvasBase
+        import matplotlib  # noqa: F401
     except ImportError:
         parser.error(f"{flag} needs matplotlib, which is not installed: pip install matplotlib")
-    formats = FigureCanvasBase.get_supported_filetypes()
-    extension = path.suffix[1:].lower()
-    if extension and extension not in formats:
-        parser.error(f"{flag} {name}: matplotlib cannot write .{extension} files; expected "
-                     "one of " + ", ".join("." + f for f in sorted(formats)))
+
+
+def save_plots(name, history, images, predicted, labels, num_classes=10):
+    """Write ``--plot``'s three images (see :func:`plot_files`) and return their paths:
+    the training curves, the test set's confusion matrix (rows true, columns
+    predicted) and the first 25 test images the model gets wrong."""
+    from jaxnn import metrics, plotting
+
+    curves, confusion, errors = plot_files(name)
+    plotting.plot_history(history, curves)
+    matrix = np.asarray(metrics.confusion_matrix(predicted, labels, num_classes))
+    plotting.plot_confusion_matrix(matrix, confusion)
+    plotting.plot_misclassified(images, predicted, labels, errors)
+    return curves, confusion, errors
 
 
 def check_output_dir(parser, flag: str, name: str) -> None:
@@ -254,3 +309,57 @@ def checkpoint_errors(flag: str, directory):
         yield
     except (CheckpointError, OSError) as error:
         fail(f"{flag} {directory}: cannot resume: {error}", DATA_ERROR)
+
+
+# -- validation, and the compilation cache ---------------------------------------------
+
+
+def hold_out(x, y, fraction):
+    """``(x_train, y_train, x_val, y_val)``: the last ``fraction`` of the examples held
+    out for validation (as Keras's ``validation_split``), before any shuffling.
+
+    Model choices (epochs, learning rate, architecture) are made on the validation
+    scores; the test set is used once, at the end, so that its score is an honest
+    estimate. ``fraction`` 0: no validation, ``x_val`` and ``y_val`` are None.
+    """
+    if not fraction:
+        return x, y, None, None
+    n_val = int(len(x) * fraction)
+    if not 0 < n_val < len(x):
+        fail(f"--validation-split {fraction:g} of {len(x):,} training examples leaves "
+             f"{n_val} for validation; choose a fraction that leaves both sides, or 0",
+             USAGE_ERROR)
+    cut = len(x) - n_val
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def enable_compile_cache(args):
+    """Turn on JAX's persistent compilation cache (``--cache-dir``, else
+    ``$JAXNN_CACHE_DIR``, else ``~/.cache/jaxnn/jax-compilation-cache``) unless
+    ``--no-compile-cache``. Returns what :func:`cache_summary` takes.
+
+    The cache only saves time: a default folder that cannot be created is a
+    one-line warning, and the example runs without it.
+    """
+    if args.no_compile_cache:
+        return None, None
+    try:
+        folder = compilation_cache.enable_compilation_cache(args.cache_dir)
+    except OSError as error:
+        if args.cache_dir is not None:
+            fail(f"--cache-dir {args.cache_dir}: {error}", USAGE_ERROR)
+        text = " ".join(str(error).split())
+        print(f"warning: no compilation cache ({text}); pass --cache-dir DIR or "
+              "--no-compile-cache", file=sys.stderr)
+        return None, None
+    return folder, compilation_cache.cache_stats()
+
+
+def cache_summary(cache) -> dict:
+    """``{"dir", "hits", "misses"}`` for the JSON summary: the programs this run loaded
+    from the compilation cache, and those it compiled (and saved there)."""
+    folder, before = cache
+    if folder is None:
+        return {"dir": None, "hits": 0, "misses": 0}
+    now = compilation_cache.cache_stats()
+    return {"dir": str(folder), **{k: now[k] - before[k] for k in now}}

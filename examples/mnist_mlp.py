@@ -2,6 +2,8 @@
 
 784 -> Dense(64, ReLU) -> Dense(64, ReLU) -> Dense(10, softmax), Adam,
 sparse categorical cross-entropy, accuracy, 5 epochs of batch 32, then predict.
+The last 10% of the training images (``--validation-split``) are held out and
+scored after each epoch; the test set is scored once, at the end.
 
 The model outputs logits and the softmax sits inside the loss
 (``sparse_softmax_cross_entropy``): the same maths as a softmax layer followed by
@@ -11,6 +13,11 @@ the softmax for you.
     python examples/mnist_mlp.py                       # MNIST from the usual sources
     python examples/mnist_mlp.py --data-dir DIR --json # a folder of the four IDX files
     python examples/mnist_mlp.py --grad manual         # hand-written backprop (jaxnn.manual)
+    python examples/mnist_mlp.py --plot runs/mlp.png   # curves, confusion matrix, errors
+
+Compiled programs are kept in JAX's persistent compilation cache
+(``~/.cache/jaxnn/jax-compilation-cache``, ``--cache-dir``, ``$JAXNN_CACHE_DIR``),
+so a second run starts without compiling; ``--no-compile-cache`` turns it off.
 
 Every flag is checked before any data is loaded: a bad one stops the example at once
 with one line ``error: ...`` and status 2; a bad data folder or file, with status 1
@@ -92,26 +99,6 @@ def build_model():
 MANUAL_MODEL = manual.MLP(units=(64, 64, 10), activation="relu")
 
 
-def save_plot(history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, name in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, history[name], "o-", label="train")
-        if "val_" + name in history:
-            ax.plot(epochs, history["val_" + name], "o-", label="test")
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def checkpointing(directory, params, optimizer, key, verbose):
     """Checkpoint every epoch into ``directory`` and resume from the latest one there.
 
@@ -132,13 +119,19 @@ def checkpointing(directory, params, optimizer, key, verbose):
 
 def main(argv=None):
     args = parse_args(argv)
+    cache = _cli.enable_compile_cache(args)  # a second run loads its programs, not compiles
     with _cli.data_errors():
         data = load_data(args.data_dir)
-    x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+    x_train, y_train = data.x_train[:args.train_limit], data.y_train[:args.train_limit]
+    x_test, y_test = data.x_test[:args.test_limit], data.y_test[:args.test_limit]
+    # Validate on examples held out of the training set, not on the test set: choices
+    # made while watching a score (epochs, learning rate) tune the model to its data.
+    x_train, y_train, x_val, y_val = _cli.hold_out(x_train, y_train, args.validation_split)
     verbose = 0 if args.quiet else 1
     if verbose:
+        held = f"{len(x_val):,} validation, " if x_val is not None else ""
         print(f"dataset: {data.name} from {data.source} "
-              f"({len(x_train):,} train, {len(x_test):,} test)")
+              f"({len(x_train):,} train, {held}{len(x_test):,} test)")
 
     model = build_model()
     key = jax.random.key(args.seed)
@@ -164,11 +157,12 @@ def main(argv=None):
         loss=jaxnn.losses.sparse_softmax_cross_entropy,
         optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
         opt_state=opt_state, initial_epoch=initial_epoch, penalty=penalty,
-        metrics=["accuracy"], validation_data=(x_test, y_test), callbacks=callbacks,
-        verbose=verbose, value_and_grad=value_and_grad,
+        metrics=["accuracy"], validation_data=None if x_val is None else (x_val, y_val),
+        callbacks=callbacks, verbose=verbose, value_and_grad=value_and_grad,
     )
     wall = time.perf_counter() - start
 
+    # The test set, once, at the end.
     test = jaxnn.evaluate(model, result.params, x_test, y_test,
                           loss=jaxnn.losses.sparse_softmax_cross_entropy)
     probabilities = jaxnn.predict(model, result.params, x_test, output="probabilities")
@@ -177,13 +171,16 @@ def main(argv=None):
         print(f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}")
         print("first predictions:", predicted[:10].tolist(), "labels:", y_test[:10].tolist())
     if args.plot:
-        save_plot(result.history, args.plot)
+        saved = _cli.save_plots(args.plot, result.history, x_test, predicted, y_test)
         if verbose:
-            print(f"training curves saved to {args.plot}")
+            print("saved", ", ".join(map(str, saved)))
 
     summary = {
         "dataset": data.name,
         "source": data.source,
+        "train_examples": len(x_train),
+        "validation_examples": 0 if x_val is None else len(x_val),
+        "test_examples": len(x_test),
         "epochs": result.epoch,
         "batch_size": args.batch_size,
         "optimizer": f"{'optax' if args.optax else 'jaxnn'}.{args.optimizer}",
@@ -191,10 +188,12 @@ def main(argv=None):
         "l2": args.l2,
         "seed": args.seed,
         "grad": args.grad,
+        "val_accuracy": result.history.get("val_accuracy", [None])[-1],
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "train_seconds": float(sum(result.history.get("seconds", []))),
         "compile_seconds": result.compile_seconds,
+        "compile_cache": _cli.cache_summary(cache),
         "wall_seconds": wall,
         "history": result.history,
     }

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import jaxnn.datasets
+from jaxnn import compilation_cache
 from jaxnn.datasets import write_idx
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
@@ -42,6 +43,20 @@ def _assert_one_error_line(err, *names):
     assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
     for name in names:
         assert str(name) in err, (name, err)
+
+
+@pytest.fixture(autouse=True)
+def cache_dirs(monkeypatch):
+    """The folders the examples would turn the compilation cache on in (None: the
+    default). Not turned on in this process: the tests keep conftest.py's cache."""
+    seen = []
+
+    def enable(path=None, **kwargs):
+        seen.append(path)
+        return pathlib.Path(path or "default-cache")
+
+    monkeypatch.setattr(compilation_cache, "enable_compilation_cache", enable)
+    return seen
 
 
 @pytest.fixture
@@ -113,6 +128,13 @@ BAD_FLAGS = [
     (MLP, ["--plot", "{dir}"], "--plot"),
     (MLP, ["--plot", "{dir}/curves.txt"], "--plot"),
     (MLP, ["--plot", ""], "--plot"),
+    (MLP, ["--plot", "{dir}/curves.pdf"], "--plot"),  # the images are PNG
+    (MLP, ["--validation-split", "1"], "--validation-split"),
+    (MLP, ["--validation-split", "-0.1"], "--validation-split"),
+    (MLP, ["--validation-split", "nan"], "--validation-split"),
+    (MLP, ["--train-limit", "0"], "--train-limit"),
+    (MLP, ["--cache-dir", "{file}"], "--cache-dir"),
+    (MLP, ["--cache-dir", "{dir}", "--no-compile-cache"], "--cache-dir"),
     (MLP, ["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
     (MLP, ["--checkpoint-dir", "{file}/run"], "--checkpoint-dir"),
     (MLP, ["--checkpoint-dir", ""], "--checkpoint-dir"),
@@ -130,6 +152,8 @@ BAD_FLAGS = [
     (CNN, ["--l2", "1e-4"], "--l2"),  # an MLP flag only
     (CNN, ["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
     (CNN, ["--plot", "{missing}/curves.png"], "--plot"),
+    (CNN, ["--validation-split", "0.1.0"], "--validation-split"),
+    (CNN, ["--cache-dir", "{file}/cache"], "--cache-dir"),
     (RNN, ["--epochs", "0"], "--epochs"),
     (RNN, ["--test-limit", "0"], "--test-limit"),
     (RNN, ["--seed", "-7"], "--seed"),
@@ -138,6 +162,8 @@ BAD_FLAGS = [
     (RNN, ["--grad", "manual"], "--grad"),  # an MLP flag only
     (RNN, ["--optimizer", "rmsprop"], "--optimizer"),
     (RNN, ["--checkpoint-dir", "{file}/run"], "--checkpoint-dir"),
+    (RNN, ["--validation-split", "1.5"], "--validation-split"),
+    (RNN, ["--plot", "{dir}/curves"], "--plot"),
 ]
 
 
@@ -281,13 +307,44 @@ def test_help_shows_every_flag_with_its_default(name, capsys):
         elif current is not None and line.strip():
             current.append(line.strip())
     flags = {b[0].split()[0].rstrip(","): " ".join(b) for b in blocks}
-    assert {"--data-dir", "--epochs", "--batch-size", "--lr", "--seed", "--plot",
-            "--checkpoint-dir", "--json", "--quiet"} <= set(flags)
+    # The same flags in all three examples (the MLP adds --l2 and --grad; the CNN and
+    # RNN add --feed and --steps-per-call).
+    assert {"--data-dir", "--epochs", "--batch-size", "--optimizer", "--lr", "--optax",
+            "--validation-split", "--train-limit", "--test-limit", "--seed", "--plot",
+            "--checkpoint-dir", "--json", "--quiet", "--cache-dir",
+            "--no-compile-cache"} <= set(flags)
+    assert "_confusion.png" in flags["--plot"] and "_errors.png" in flags["--plot"]
     for flag, block in flags.items():
         if flag != "-h":
             assert "default" in block, (flag, block)
     epochs = {MLP: 5, CNN: 11, RNN: 6}[name]
     assert f"(default: {epochs})" in flags["--epochs"]
+
+
+def test_validation_is_held_out_of_training_and_too_small_a_split_is_an_error(tmp_path,
+                                                                           capsys):
+    cli = _load(MLP)._cli
+    x, y = np.arange(20)[:, None], np.arange(20)
+    x_train, y_train, x_val, y_val = cli.hold_out(x, y, 0.25)
+    np.testing.assert_array_equal(y_train, np.arange(15))  # the last quarter held out
+    np.testing.assert_array_equal(x_val[:, 0], np.arange(15, 20))
+    assert cli.hold_out(x, y, 0.0)[2:] == (None, None)
+    folder = _mnist_folder(tmp_path / "mnist")  # 4 training images: 10% is none
+    status, err = _run(MLP, ["--data-dir", str(folder), "--quiet"], capsys)
+    assert status == 2
+    _assert_one_error_line(err, "--validation-split", "0.1", "4 training examples")
+
+
+@pytest.mark.parametrize("name", [MLP, CNN, RNN])
+def test_compile_cache_flags(name, cache_dirs, calls, tmp_path, monkeypatch):
+    # parse and turn the cache on; stop at the data loading (the ``calls`` fixture)
+    monkeypatch.delenv("JAXNN_DATA_DIR", raising=False)
+    for argv, expected in ((["--cache-dir", str(tmp_path)], [str(tmp_path)]),
+                           ([], [None]), (["--no-compile-cache"], [])):
+        cache_dirs.clear()
+        with pytest.raises(AssertionError, match="was called"):
+            _load(name).main(["--quiet", "--epochs", "1", *argv])
+        assert cache_dirs == expected, argv
 
 
 # -- the real command line, in a fresh interpreter ------------------------------------
@@ -315,5 +372,6 @@ def test_command_line_help_shows_defaults():
     done = _command("--help")
     assert done.returncode == 0 and done.stderr == ""
     for text in ("--epochs N", "(default: 5)", "(default: 32)", "(default: adam)",
-                 "(default: autodiff)", "0.1 for sgd", "(default: off)"):
+                 "(default: autodiff)", "0.1 for sgd", "(default: off)", "(default: 0.1)",
+                 "jax-compilation-cache"):
         assert text in done.stdout, text

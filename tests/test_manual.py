@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnn import losses, regularizers
+from jaxnn import compilation_cache, losses, regularizers
 from jaxnn.datasets import digits
 from jaxnn.gradcheck import check_grads
 from jaxnn.manual import (
@@ -339,6 +339,14 @@ def test_fit_refuses_a_penalty_beside_a_custom_gradient():
 # -- the example's --grad flag ------------------------------------------------------
 
 
+@pytest.fixture
+def no_compile_cache(monkeypatch):
+    """The example's persistent compilation cache stays off in this process (it would
+    replace the tests' own, see conftest.py); tests/test_compile_cache.py runs it."""
+    monkeypatch.setattr(compilation_cache, "enable_compilation_cache",
+                        lambda path=None, **kwargs: pathlib.Path(path or "unused"))
+
+
 def _load_example():
     spec = importlib.util.spec_from_file_location("mnist_mlp_example_manual", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
@@ -346,7 +354,7 @@ def _load_example():
     return module
 
 
-def test_example_grad_manual_trains_on_digits(monkeypatch):
+def test_example_grad_manual_trains_on_digits(monkeypatch, no_compile_cache):
     example = _load_example()
     monkeypatch.setattr(example, "load_data", lambda data_dir: digits(flatten=True))
     summary = example.main(["--epochs", "3", "--quiet", "--l2", "1e-4", "--grad", "manual"])
@@ -355,7 +363,8 @@ def test_example_grad_manual_trains_on_digits(monkeypatch):
 
 
 @pytest.mark.slow
-def test_example_grad_manual_matches_autodiff_on_real_mnist(mnist_dir, capsys):
+def test_example_grad_manual_matches_autodiff_on_real_mnist(mnist_dir, capsys,
+                                                           no_compile_cache):
     example = _load_example()
     common = ["--data-dir", str(mnist_dir), "--json", "--quiet", "--seed", "0"]
     auto = example.main([*common, "--grad", "autodiff"])
