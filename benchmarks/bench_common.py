@@ -128,6 +128,14 @@ FRAMEWORKS: dict[str, Framework] = {
     # jaxnn without its non-finite guard (fit(on_nonfinite="ignore")): the guard's cost.
     "jaxnn-noguard": Framework("peers.jaxnn_fit", "jaxnn fit, no NaN guard",
                                {"JAXNN_BENCH_ON_NONFINITE": "ignore"}, True, True),
+    # jaxnn with fit(verbose=1), its progress bar updated from inside the compiled epoch:
+    # the bar's cost. Written to the worker's stdout (a pipe: plain lines, no redraws), or
+    # with "-tty" to a pseudo-terminal drained by a thread (the bar redrawn, as users see it).
+    "jaxnn-progress": Framework("peers.jaxnn_fit", "jaxnn fit, verbose=1 (pipe)",
+                                {"JAXNN_BENCH_VERBOSE": "1"}, True, True),
+    "jaxnn-progress-tty": Framework("peers.jaxnn_fit", "jaxnn fit, verbose=1 (pty)",
+                                    {"JAXNN_BENCH_VERBOSE": "1",
+                                     "JAXNN_BENCH_PROGRESS_TO": "pty"}, True, True),
     "jax": Framework("peers.jax_optax", "JAX+optax loop", {}, True, True),
     "jax-scan": Framework("peers.jax_scan", "JAX fused scan", {}, True, True),
     "torch": Framework("peers.torch_eager", "PyTorch eager", {}, False, False),
@@ -142,7 +150,8 @@ FRAMEWORKS: dict[str, Framework] = {
 # The compute dtypes of ``--dtype``, and the frameworks that honour bfloat16 (mixed
 # precision: float32 master weights, the forward and backward pass in bfloat16).
 DTYPES = ("float32", "bfloat16")
-MIXED_PRECISION_FRAMEWORKS = ("jaxnn", "jaxnn-noguard", "jax", "jax-scan")
+MIXED_PRECISION_FRAMEWORKS = ("jaxnn", "jaxnn-noguard", "jaxnn-progress", "jaxnn-progress-tty",
+                              "jax", "jax-scan")
 
 
 # --------------------------------------------------------------------------

@@ -31,6 +31,9 @@ The frameworks (``--frameworks``, default all), each in its own process
 (``worker.py``) and its own module under ``peers/``:
 
 * ``jaxnn``: ``jaxnn.fit`` (``steps_per_call`` per model, see ``peers/jaxnn_fit.py``);
+* ``jaxnn-progress`` (``-tty``): the same with ``fit(verbose=1)``, the bar written to
+  a pipe (to a pseudo-terminal); under each table, the bar's cost is ``(jaxnn
+  samples/s / jaxnn-progress samples/s - 1)``, round by round.
 * ``jaxnn-noguard``: the same with ``fit(on_nonfinite="ignore")``; under each
   table, the cost of fit's NaN/inf guard is ``(jaxnn-noguard samples/s / jaxnn
   samples/s - 1) * 100`` percent;
@@ -430,15 +433,18 @@ def jaxnn_overhead(report: dict) -> dict[str, float | None]:
     return overhead
 
 
-def guard_cost(report: dict) -> dict[str, dict | None]:
+def guard_cost(report: dict, without: str = "jaxnn-noguard",
+               base: str = "jaxnn") -> dict[str, dict | None]:
     """Per model, the cost of fit's non-finite guard: ``(jaxnn-noguard samples/s /
     jaxnn samples/s - 1) * 100`` percent, from the best round (``best``) and round by
-    round (``rounds``, with --rounds R); None unless both columns ran the model."""
+    round (``rounds``, with --rounds R); None unless both columns ran the model.
+    ``without`` and ``base`` name other columns: ``guard_cost(report, "jaxnn",
+    "jaxnn-progress")`` is the cost of the progress bar (jaxnn / jaxnn-progress - 1)."""
     frameworks = report["frameworks"]
     cost: dict[str, dict | None] = {}
     for name in report["config"]["models"]:
-        ours = frameworks.get("jaxnn", {}).get("results", {}).get(name)
-        plain = frameworks.get("jaxnn-noguard", {}).get("results", {}).get(name)
+        ours = frameworks.get(base, {}).get("results", {}).get(name)
+        plain = frameworks.get(without, {}).get("results", {}).get(name)
         if not (ours and plain):
             cost[name] = None
             continue
@@ -519,6 +525,14 @@ def format_report(report: dict) -> str:
                       if rounds else "")
             lines.append(f"  cost of fit's non-finite guard (jaxnn-noguard / jaxnn - 1): "
                          f"{guard['best']:+.1f}% best rounds{median}")
+        for column in ("jaxnn-progress", "jaxnn-progress-tty"):
+            bar = guard_cost(report, "jaxnn", column).get(name)
+            if bar is not None:
+                rounds = ", ".join(f"{c:+.1f}%" for c in bar["rounds"])
+                median = (f"; median of rounds {bar['median']:+.1f}%, by round {rounds}"
+                          if rounds else "")
+                lines.append(f"  cost of fit's progress bar (jaxnn / {column} - 1): "
+                             f"{bar['best']:+.1f}% best rounds{median}")
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"
@@ -636,6 +650,8 @@ def main(argv=None) -> int:
     report["total_seconds"] = time.perf_counter() - started
     report["jaxnn_overhead_percent"] = jaxnn_overhead(report)
     report["guard_cost_percent"] = guard_cost(report)
+    report["progress_cost_percent"] = {column: guard_cost(report, "jaxnn", column)
+                                       for column in ("jaxnn-progress", "jaxnn-progress-tty")}
     peak = report["peak_gflop_per_s"]
     for result in report["frameworks"].values():
         for name, row in result.get("results", {}).items():

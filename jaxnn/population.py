@@ -36,6 +36,7 @@ from jaxnn.training import (
     _check_arrays,
     _check_data,
     _check_positive_int,
+    _check_verbose,
     _halting,
     _make_step,
     _metric_table,
@@ -127,6 +128,8 @@ def fit_many(
       penalty: ``penalty(params)`` as in ``fit``; when ``hyperparams`` is given,
         ``penalty(params, hyperparams)`` (e.g. ``lambda p, hp: hp["l2"] * l2(1.0)(p)``).
       validation_data: ``(x_val, y_val)`` evaluated for every member each epoch.
+      verbose: 1 or 2 (default 1): one line per epoch (the best and the mean loss of
+        the members); 0: silent. ``True``/``False`` mean 1/0.
       on_nonfinite: as in :func:`jaxnn.fit`: at the first step where the loss or
         the gradient of any member is NaN or inf, training stops for the whole
         population; :class:`jaxnn.training.NonFiniteError` (or, with ``"warn"``,
@@ -141,6 +144,7 @@ def fit_many(
     """
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    verbose = _check_verbose(verbose, "fit_many")
     if on_nonfinite not in _ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
     guard = on_nonfinite != "ignore"

@@ -12,6 +12,16 @@ the mean loss over its real examples (what Keras does with a short last batch).
 The randomness of epoch ``e`` (its shuffle, its dropout keys) depends only on
 ``(key, e)``, so training resumed at epoch ``k`` from a checkpoint ends with
 exactly the parameters of an uninterrupted run.
+
+With ``verbose=1`` the compiled steps count themselves and call back into
+Python every ``max(1, steps // 20)`` steps (``jax.debug.callback`` under
+``lax.cond``; compiled in only then), so the progress bar moves while one
+compiled epoch runs. On CPU a model with a convolution runs 4 straight-line
+steps per compiled call instead of a rolled epoch (see
+``_CONV_STEPS_PER_CALL_ON_CPU``); over several CPU devices each call is waited
+for before the next is sent (queued calls could deadlock XLA:CPU's all-reduce);
+and ``fit`` asks glibc to keep freed memory (:mod:`jaxnn.host_memory`).
+docs/training.md describes every option of ``fit`` for users.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,7 +44,7 @@ import optax
 from jaxnn import _data_checks, _loss_forms, _sharding, host_memory
 from jaxnn._typing import Array, Params, PRNGKey, State
 from jaxnn.callbacks import Callback, EpochEnd, TrainBegin
-from jaxnn.layers._base import Layer
+from jaxnn.layers._base import Layer, _describe_keys
 
 LossFn = Callable[..., Array]
 MetricFn = Callable[..., Array]
@@ -107,6 +118,9 @@ _ON_NONFINITE = ("raise", "warn", "ignore")
 def _metric_table(metrics: Sequence[str | MetricFn]) -> dict[str, MetricFn]:
     from jaxnn import metrics as metrics_module
 
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a list of names or functions, e.g. "
+                        f"metrics=[{metrics!r}]; got the string {metrics!r}")
     table: dict[str, MetricFn] = {}
     for metric in metrics:
         if isinstance(metric, str):
@@ -119,7 +133,8 @@ def _metric_table(metrics: Sequence[str | MetricFn]) -> dict[str, MetricFn]:
             table[getattr(metric, "__name__", "metric")] = _loss_forms.weighted(metric,
                                                                                 "metrics")
         else:
-            raise TypeError(f"metrics: expected names or functions, got {metric!r}")
+            raise TypeError(f"metrics: expected names from jaxnn.metrics (e.g. 'accuracy') or "
+                            f"functions f(predictions, targets), got {metric!r}")
     return table
 
 
@@ -390,6 +405,22 @@ def _halting(step):
     return halting_step
 
 
+def _reporting(step, every: int, report: Callable[[Array], None]):
+    """``step`` that also counts the steps run and calls ``report(count)`` on the
+    host after every ``every``-th one (``jax.debug.callback`` under ``lax.cond``, so
+    a progress bar moves while a compiled epoch runs). Its carry is ``(carry, count)``."""
+
+    def reporting_step(carry, batch):
+        inner, count = carry
+        new, sums = step(inner, batch)
+        count = count + 1
+        jax.lax.cond(count % every == 0, lambda c: jax.debug.callback(report, c),
+                     lambda c: None, count)
+        return (new, count), sums
+
+    return reporting_step
+
+
 def _no_halt():
     return jnp.int32(0), jnp.int32(0), jnp.int32(0)
 
@@ -414,7 +445,7 @@ class _Trainer:
 
     def __init__(self, model, loss, optimizer, penalty, metric_fns, n, batch_size,
                  shuffle, steps_per_call, value_and_grad=None, data_parallel=None,
-                 compute_dtype=None, scan_unroll=1):
+                 compute_dtype=None, scan_unroll=1, progress=False):
         self.n = n
         self.batch_size = batch_size
         self.steps = math.ceil(n / batch_size)
@@ -433,14 +464,24 @@ class _Trainer:
         self.wait_each_call = data_parallel is not None and all(
             d.platform == "cpu" for d in data_parallel.mesh.devices.flat)
         self.shuffle = shuffle
+        # verbose=1: the training steps report their count to the host every few percent
+        # of the epoch (see _reporting); on_progress(done_steps) receives it.
+        self.on_progress: Callable[[int], None] | None = None
+        if progress:
+            steps["fast"] = _reporting(steps["fast"], _progress_every(self.steps), self._report)
 
         def run_steps(carry, data, idx, weights, keys, start, length, variant):
             plan = jax.tree_util.tree_map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), (idx, weights, keys)
             )
+            counted = progress and variant == "fast"
+            if counted:
+                carry = (carry, start)
             # A chunk of a few steps is written out; a whole epoch stays a rolled loop.
-            return scan_steps(steps[variant], carry, data, plan,
-                              straight_line=steps_per_call is not None, unroll=scan_unroll)
+            carry, sums = scan_steps(steps[variant], carry, data, plan,
+                                     straight_line=steps_per_call is not None,
+                                     unroll=scan_unroll)
+            return (carry[0] if counted else carry), sums
 
         self._run_steps = jax.jit(run_steps, donate_argnums=(0,),
                                   static_argnames=("length", "variant"))
@@ -452,6 +493,11 @@ class _Trainer:
                                {"out_shardings": data_parallel.replicated}))
         self._plan_compiled = None
 
+    def _report(self, count) -> None:
+        on_progress = self.on_progress
+        if on_progress is not None:
+            on_progress(int(count))
+
     def _program(self, variant, length, *args):
         """The compiled program running ``length`` steps (compiled ahead, timed, once)."""
         program = self._compiled.get((variant, length))
@@ -462,14 +508,17 @@ class _Trainer:
             self._compiled[variant, length] = program
         return program
 
-    def _run(self, variant, carry, data, plan):
-        """Run the epoch's steps: ``(carry, sums)``, the sums added over the calls."""
+    def _run(self, variant, carry, data, plan, compiled=None):
+        """Run the epoch's steps: ``(carry, sums)``, the sums added over the calls.
+        ``compiled()``, when given, is called once the programs are compiled."""
         chunks = [(start, min(self.chunk, self.steps - start))
                   for start in range(0, self.steps, self.chunk)]
         # Compile every program this epoch needs before running any, so compile time
         # does not overlap (asynchronously dispatched) training and can be told apart.
         for length in sorted({length for _, length in chunks}):
             self._program(variant, length, carry, data, *plan, jnp.int32(0))
+        if compiled is not None:
+            compiled()
         totals = None
         for start, length in chunks:
             args = (carry, data, *plan, jnp.int32(start))
@@ -486,11 +535,11 @@ class _Trainer:
             self.compile_seconds += time.perf_counter() - start
         return self._plan_compiled(key)
 
-    def epoch(self, carry, data, key):
-        """One epoch: ``(carry, sums)``."""
+    def epoch(self, carry, data, key, compiled=None):
+        """One epoch: ``(carry, sums)``; ``compiled()`` runs when its programs are compiled."""
         if self.data_parallel is not None:  # replicate (once: then a no-op)
             carry = self.data_parallel.put(carry)
-        return self._run("fast", carry, data, self._epoch_plan(key))
+        return self._run("fast", carry, data, self._epoch_plan(key), compiled)
 
     def find_nonfinite(self, carry, data, key):
         """Replay the epoch of ``key`` from its starting point ``carry`` with halting
@@ -519,8 +568,9 @@ class _StreamTrainer:
         self.batch_size: int | None = None
         self.compile_seconds = 0.0  # not separated from the first step on this path
 
-    def epoch(self, carry, batches, key):
-        """One epoch: ``(carry, sums, (code, step))``, as :meth:`_Trainer.find_nonfinite`."""
+    def epoch(self, carry, batches, key, on_step=None):
+        """One epoch: ``(carry, sums, (code, step))``, as :meth:`_Trainer.find_nonfinite`;
+        ``on_step(steps_done)`` after each step is dispatched."""
         totals = None
         if self.guard:
             carry = (carry, _no_halt())
@@ -529,8 +579,9 @@ class _StreamTrainer:
             if self.batch_size is None:
                 self.batch_size = m
             if m > self.batch_size:
-                raise ValueError(f"batches must not grow: the first had {self.batch_size} "
-                                 f"examples, batch {index} has {m}")
+                raise ValueError(f"x (batches, with y=None): no batch may be larger than the "
+                                 f"first, which had {self.batch_size} examples; batch {index} "
+                                 f"has {m}. Put the largest batch first or use one size")
             pad = self.batch_size - m
 
             def padded(a, pad=pad):
@@ -541,8 +592,12 @@ class _StreamTrainer:
             weights = (jnp.arange(self.batch_size) < m).astype(jnp.float32)
             carry, sums = self.step(carry, (xb, yb, weights, jax.random.fold_in(key, index)))
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+            if on_step is not None:
+                on_step(index + 1)
         if totals is None:
-            raise ValueError("the iterable of batches gave no batch in this epoch")
+            raise ValueError("x (batches, with y=None) gave no batch this epoch; pass a list "
+                             "of (x_batch, y_batch) pairs, or a function epoch -> iterable "
+                             "that returns a fresh, non-empty iterable each time")
         if not self.guard:
             return carry, totals, (0, 0)
         carry, (code, at, _) = carry
@@ -580,6 +635,8 @@ def evaluate(
     the forms :func:`fit` takes; ``x`` and ``y`` are checked as ``fit`` checks them.
     """
     n = _check_arrays(x, y)
+    if state is None:
+        _check_stateless(model, x, "evaluate")
     state = state or {}
     _check_data(model, params, state, x, y)
     batch_size = min(_check_positive_int(batch_size, "batch_size"), n)
@@ -655,6 +712,8 @@ def predict(
     if isinstance(x, dict):
         raise TypeError("predict: x must be one array (a dict of inputs is not supported here)")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    if state is None:
+        _check_stateless(model, x, "predict")
     state = state or {}
     n = np.shape(x)[0]
     if n == 0:  # no examples: an empty result shaped like the model's output
@@ -699,7 +758,230 @@ def _predict_compiled(model, batch_size, output):
 
 
 def _format_logs(logs: Mapping[str, float]) -> str:
-    return " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
+    return " - ".join(f"{name}: {value:.4g}" if name == "learning_rate" else
+                      f"{name}: {value:.4f}" for name, value in logs.items())
+
+
+def learning_rate(opt_state) -> float | None:
+    """The learning rate held in ``opt_state``, or None when it holds none.
+
+    Found when the optimizer was made with ``optax.inject_hyperparams`` (e.g.
+    ``optax.inject_hyperparams(optax.adam)(learning_rate=schedule)``): the value
+    its last update used, ``schedule(count - 1)`` after ``count`` updates.
+    """
+    found = jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda node: isinstance(getattr(node, "hyperparams", None), dict))
+    for node in found:
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
+            value = np.asarray(jax.device_get(hyperparams["learning_rate"]))
+            if value.size == 1:
+                return float(value.reshape(()))
+    return None
+
+
+def _check_stateless(model: Layer, x, where: str = "fit") -> None:
+    """Raise when ``model`` keeps state (BatchNorm) but ``where`` got no ``state=``."""
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    signature = tuple((tuple(np.shape(a)[1:]), jnp.result_type(a).name) for a in leaves)
+    keys = _state_keys(model, treedef, signature)
+    if keys:
+        if where == "fit":
+            advice = ("Create both with params, state = model.init_with_state(key, x[:1]) and "
+                      "pass fit(..., state=state); the trained state is in the result's .state")
+        else:
+            advice = (f"Pass the trained state: {where}(..., state=result.state), with result "
+                      "what fit returned (or the state from model.init_with_state)")
+        raise ValueError(f"{where}: the model has state ({keys}: e.g. "
+                         f"BatchNorm's running statistics) but no state= was given. {advice}")
+
+
+@functools.lru_cache(maxsize=64)
+def _state_keys(model: Layer, treedef, signature) -> str:
+    """The model's state entries for inputs of this structure ("" when it has none),
+    from an abstract init (cached: predict and evaluate call it every time)."""
+    structs = jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct((1, *shape), dtype) for shape, dtype in signature])
+    try:
+        _, state = jax.eval_shape(lambda k: model.initialize(k, structs), jax.random.key(0))
+    except Exception:  # noqa: BLE001 - the model's own errors are raised later, with context
+        return ""
+    return _describe_keys(state) if jax.tree_util.tree_leaves(state) else ""
+
+
+def _check_optimizer(optimizer) -> None:
+    if isinstance(optimizer, optax.GradientTransformation) or (
+            hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        return
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", "the optimizer")
+        raise TypeError(f"optimizer: got the function {name} itself, not an optimizer; call it "
+                        f"with a learning rate, e.g. optimizer={name}(1e-3)")
+    raise TypeError("optimizer must be an optax GradientTransformation such as "
+                    f"optax.adam(1e-3) or jaxnn.optimizers.adam(1e-3), got {optimizer!r}")
+
+
+def _check_key(key) -> None:
+    shape, dtype = np.shape(key), getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        ok = shape == ()
+    else:
+        ok = len(shape) == 1 and dtype == np.uint32  # a raw key, jax.random.PRNGKey(0)
+    if not ok:
+        raise TypeError(f"key must be one PRNG key such as jax.random.key(0), got {key!r}"[:300])
+
+
+def _check_not_pair(params) -> None:
+    if isinstance(params, tuple) and len(params) == 2 and all(
+            isinstance(part, dict) for part in params):
+        raise TypeError("params is a pair (params, state), as init_with_state returns: unpack "
+                        "it, params, state = model.init_with_state(key, x[:1]), and pass "
+                        "fit(model, params, x, y, ..., state=state)")
+
+
+def _length(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def _stream_progress(display: _Progress, epoch: int, every: int, done: int) -> None:
+    if done % every == 0:
+        display.update(epoch, done)
+
+
+def _start_bar(display: _Progress, trainer: _Trainer, epoch: int, first: bool) -> None:
+    """Called once the epoch's programs are compiled, before they run."""
+    if first:
+        display.note(f"compiled in {trainer.compile_seconds:.1f} s")
+    trainer.on_progress = functools.partial(display.update, epoch)
+    display.start(epoch, trainer.steps)
+
+
+# --------------------------------------------------------------------------
+# Progress display (verbose=1)
+# --------------------------------------------------------------------------
+
+_VERBOSE = (0, 1, 2)
+# verbose=1 updates the bar this many times an epoch (every max(1, steps // 20) steps)
+_PROGRESS_UPDATES = 20
+# Without a terminal (a pipe, a log file) a progress line is written at most this often
+_PLAIN_LINE_SECONDS = 10.0
+
+
+def _check_verbose(verbose, where: str = "fit") -> int:
+    """``verbose`` as 0, 1 or 2; ``True``/``False`` count as 1/0 (Python's bools are ints)."""
+    if isinstance(verbose, bool | int | np.integer) and int(verbose) in _VERBOSE:
+        return int(verbose)
+    raise ValueError(f"{where}: verbose must be 0 (silent), 1 (a progress bar per epoch) or 2 "
+                     f"(one line per epoch), got {verbose!r}")
+
+
+def _progress_every(steps: int) -> int:
+    return max(1, steps // _PROGRESS_UPDATES)
+
+
+class _Progress:
+    """The progress bar of ``verbose=1``, one per epoch, drawn on ``stream``.
+
+    On a terminal: tqdm's bar when tqdm is importable, else a line redrawn with
+    ``\\r``. Elsewhere (a pipe, a file): no ``\\r`` ever, a plain progress line at
+    most every :data:`_PLAIN_LINE_SECONDS`. :meth:`update` may be called from
+    XLA's callback thread while the compiled epoch runs; updates for another
+    epoch than the current one are ignored.
+    """
+
+    def __init__(self, epochs: int, stream=None):
+        self.stream = sys.stdout if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.terminal = bool(isatty and isatty())
+        self.epochs = epochs
+        self.lock = threading.Lock()
+        self.epoch: int | None = None
+        self.steps: int | None = None
+        self.drawn = False  # a partial bar line is on the terminal
+        self.bar = None  # tqdm's bar, when tqdm draws it
+        self.tqdm = None
+        if self.terminal:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            self.tqdm = tqdm
+
+    def start(self, epoch: int, steps: int | None) -> None:
+        """A new bar for ``epoch`` (counting from 0) of ``steps`` steps (None: unknown)."""
+        with self.lock:
+            self.epoch, self.steps, self.done = epoch, steps, 0
+            self.started = self.last_line = time.perf_counter()
+            if self.tqdm is not None:
+                self.bar = self.tqdm(total=steps, desc=f"Epoch {epoch + 1}/{self.epochs}",
+                                     file=self.stream, leave=False, unit="step")
+            elif self.terminal:
+                self._draw()
+
+    def update(self, epoch: int, done: int) -> None:
+        """``done`` steps of ``epoch`` have run."""
+        with self.lock:
+            if epoch != self.epoch or done <= self.done:
+                return
+            if self.bar is not None:
+                self.bar.update(done - self.done)
+                self.done = done
+                return
+            self.done = done
+            if self.terminal:
+                self._draw()
+            elif time.perf_counter() - self.last_line >= _PLAIN_LINE_SECONDS:
+                self.last_line = time.perf_counter()
+                self.stream.write(self._text() + "\n")
+                self.stream.flush()
+
+    def _text(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        head = f"Epoch {self.epoch + 1}/{self.epochs}"
+        if not self.steps:
+            return f"{head} - step {self.done} - {elapsed:.1f}s"
+        width = 30
+        filled = width * self.done // self.steps
+        arrow = ">" if filled < width else ""
+        bar = "=" * filled + arrow + "." * (width - filled - len(arrow))
+        eta = elapsed / self.done * (self.steps - self.done) if self.done else float("nan")
+        return (f"{head} [{bar}] {self.done}/{self.steps} - {elapsed:.1f}s"
+                + (f" - ETA {eta:.1f}s" if self.done < self.steps and self.done else ""))
+
+    def _draw(self) -> None:
+        text = self._text()
+        self.stream.write("\r" + text.ljust(getattr(self, "width", 0)))
+        self.width = len(text)
+        self.stream.flush()
+        self.drawn = True
+
+    def _clear(self) -> None:
+        """Remove the bar (caller holds the lock)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.drawn:
+            self.stream.write("\r" + " " * getattr(self, "width", 0) + "\r")
+            self.drawn = False
+
+    def finish(self, line: str | None = None) -> None:
+        """End the current bar and write ``line`` (the epoch's summary) in its place."""
+        with self.lock:
+            self._clear()
+            self.epoch = None
+            if line is not None:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def note(self, line: str) -> None:
+        """A line of its own (e.g. the compile time), outside any bar."""
+        with self.lock:
+            self._clear()
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
 
 def fit(
@@ -729,118 +1011,55 @@ def fit(
     devices: int | Sequence[jax.Device] | None = None,
     on_nonfinite: str = "raise",
 ) -> FitResult:
-    """Train ``model`` on in-memory arrays ``(x, y)``.
+    """Train ``model`` on ``(x, y)``; returns a :class:`FitResult` (params, state, history).
 
-    Each step minimises the mean of ``loss(model(params, x_batch), y_batch)``
-    over the batch plus ``penalty(params)`` with ``optimizer`` (any optax
-    gradient transformation: jaxnn's own or optax's).
+    Example::
 
-    ``x`` and ``y`` are checked once before training: numeric arrays with the
-    same number of examples, no NaN or inf, and integer class labels inside the
-    model's class range; each error names the argument, the value and its index.
+        params = model.init(key, x[:1])
+        result = jaxnn.fit(model, params, x, y, loss="sparse_softmax_cross_entropy",
+                           optimizer=optax.adam(1e-3), key=key, epochs=5)
+        result.params, result.history["loss"]  # the history: one value per epoch
 
     Args:
-      model: the model; ``params`` (and ``state``) as returned by its init.
-      x, y: inputs and targets, leading axis = examples (numpy or JAX arrays).
-        For data too large for memory, pass ``y=None`` and as ``x`` either a
-        function ``epoch -> iterable of (x_batch, y_batch)`` or a re-iterable
-        collection of batches; each batch then runs through one jitted step.
-      loss: e.g. ``jaxnn.losses.sparse_softmax_cross_entropy`` (or its name as a
-        string) for integer labels and a model that outputs logits. Three forms:
-        a name from :mod:`jaxnn.losses`; a function with a ``weights=`` keyword
-        returning the weighted mean (as jaxnn's losses); or a function of
-        ``(predictions, targets)`` returning one value per example, shape
-        ``(batch,)`` (as optax's losses), which ``fit`` weights itself. Metrics
-        take the same forms.
-      optimizer: e.g. ``jaxnn.optimizers.adam(1e-3)`` or ``optax.adam(1e-3)``.
-      key: PRNG key for shuffling and dropout; epoch ``e`` uses ``fold_in(key, e)``.
-      epochs: train until this epoch count is reached (counting ``initial_epoch``).
-      batch_size: examples per step (default 32, as Keras). The last partial batch
-        is kept, padded with zero-weight rows.
-      state: the model's state (BatchNorm statistics), if it has any.
-      opt_state: the optimizer state to resume from; ``optimizer.init(params)`` if None.
-      penalty: e.g. ``jaxnn.regularizers.l2(1e-4)``; added to the loss.
-      metrics: names in :mod:`jaxnn.metrics` or functions ``f(pred, y, weights=)``.
-      validation_data: ``(x_val, y_val)`` evaluated after each epoch.
-      validation_split: alternatively, this fraction of the examples (the last
-        ones, before shuffling, as Keras) is held out for validation.
-      initial_epoch: the epoch to start at (to resume from a checkpoint).
-      callbacks: e.g. :class:`jaxnn.callbacks.EarlyStopping`,
-        :class:`jaxnn.callbacks.ModelCheckpoint`.
-      shuffle: reshuffle the examples every epoch.
-      steps_per_call: how many optimisation steps one compiled call runs.
-        ``"epoch"``: the whole epoch as one compiled program (a rolled loop). An
-        integer ``k``: ``k`` steps per call, written out straight-line (``1`` is
-        the classic jitted-step loop). None (default): chosen per backend and
-        model: on CPU a model with a convolution runs 4 steps per call (XLA:CPU
-        runs convolutions many times slower inside a loop), every other model
-        and every other backend the whole epoch.
-      verbose: 0 silent, 1 one line per epoch.
-      value_and_grad: a custom gradient in place of ``jax.value_and_grad``: a
-        pure function ``(params, x_batch, y_batch, weights) -> (loss, grads,
-        predictions)``, where ``weights`` ``(batch,)`` are the per-example weights
-        (0 for the padded rows of a short last batch) and ``loss`` must be their
-        weighted mean, plus any penalty (``penalty`` must then be None); e.g.
-        ``jaxnn.manual.MLP(...).value_and_grad(...)``. ``predictions`` feed the
-        metrics. The model is still used for validation; it gets no dropout key
-        and its state is left unchanged.
-      compute_dtype: mixed precision, e.g. ``jnp.bfloat16``: each step runs the
-        forward and backward pass with the floating params and inputs cast to
-        this dtype and the floating outputs cast to float32 before the loss, so
-        the gradients, the optimizer and the params (the master weights) stay in
-        the params' dtype; the state (BatchNorm statistics) keeps its dtype.
-        Integer inputs (token ids) are not cast. Validation runs in the params'
-        dtype. None (default): everything in the params' dtype. Not with a
-        custom ``value_and_grad`` (which computes its own gradient).
-      devices: data-parallel training. None (default) or ``1``: one device, the
-        default one. An integer ``N``: the first ``N`` of ``jax.devices()``; a
-        sequence: those devices. Over several devices the params, state and
-        optimizer state are replicated on each, every batch is split along its
-        examples in equal parts (``batch_size`` must be divisible by the device
-        count), and XLA sums the gradient over the devices (``jax.sharding``:
-        a 1-D mesh with the axis ``"data"``); the result is the single-device
-        result up to the order of float additions, and the returned params are
-        replicated on those devices (``jax.device_put(result.params,
-        jax.devices()[0])`` gives one copy, e.g. so that ``predict`` does not
-        run on every device). The whole dataset is copied to every
-        device (memory: one copy per device). Validation runs on the first
-        device alone. Needs in-memory arrays (not an iterable of batches). For
-        N CPU devices set ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-        before jax is imported. Over CPU devices each compiled call (of
-        ``steps_per_call`` steps) finishes before the next is sent: with calls
-        queued, XLA:CPU's all-reduce could deadlock and abort the process.
+      model, params: the model and its params. A model with state (BatchNorm):
+        ``params, state = model.init_with_state(key, x[:1])``, then ``state=state``.
+      x, y: inputs and targets, leading axis = examples (numpy or JAX arrays, or
+        dicts of them), checked first: NaN/inf or labels out of range are errors.
+        With ``y=None``, ``x`` is a list of ``(x_batch, y_batch)`` pairs or a
+        function ``epoch -> iterable of pairs`` (data too large for memory).
+      loss: a name from :mod:`jaxnn.losses`, a jaxnn loss, or an optax-style loss
+        ``(predictions, targets) -> (batch,)``. ``metrics`` take the same forms.
+      optimizer: any optax transformation, e.g. ``optax.adam(1e-3)``; made with
+        ``optax.inject_hyperparams``, its rate is logged as ``"learning_rate"``.
+      key: randomness for shuffling and dropout; epoch ``e`` uses ``fold_in(key, e)``.
+      epochs, batch_size: train until epoch ``epochs``; examples per step (32).
+      verbose: 1 (default): a progress bar per epoch, moving while the compiled
+        epoch runs (plain lines when stdout is not a terminal); 2: one line per
+        epoch; 0: silent. ``True``/``False`` mean 1/0.
+      validation_data: ``(x_val, y_val)``, evaluated after each epoch (``val_loss``,
+        ...); or ``validation_split``: hold out this fraction, the last examples.
+      callbacks: e.g. :class:`jaxnn.callbacks.EarlyStopping`, ``ModelCheckpoint``.
+      state, opt_state, initial_epoch: where to start (resuming a checkpoint).
+      penalty: e.g. ``jaxnn.regularizers.l2(1e-4)``, added to the loss.
+      on_nonfinite: ``"raise"`` (default): :class:`NonFiniteError` at the first NaN
+        or inf loss or gradient, naming the step; ``"warn"``; ``"ignore"``.
+      shuffle, steps_per_call, value_and_grad, compute_dtype, devices: reshuffling,
+        steps per compiled call, a custom gradient, mixed precision (``jnp.bfloat16``)
+        and data parallelism: see ``docs/training.md``.
 
-      on_nonfinite: what to do when a step's loss or gradient is NaN or inf.
-        After each epoch ``fit`` checks the epoch's summed loss and the updated
-        values (free inside the compiled epoch); when either is not finite it
-        replays the epoch with a check at every step. ``"raise"`` (default): stop and
-        raise :class:`NonFiniteError`, naming the epoch and the step; its
-        ``result`` holds the params, state and optimizer state from before that
-        step. ``"warn"``: the same, as a warning, and return that result.
-        ``"ignore"``: no check (the old behaviour). Callbacks never see a
-        non-finite epoch, so :class:`ModelCheckpoint` never saves one.
-
-    Ctrl-C: a ``KeyboardInterrupt`` during ``fit`` is raised as
-    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) whose ``result`` holds
-    the last completed epoch; callbacks get ``on_train_interrupted(result)``
-    first, and :class:`ModelCheckpoint` saves it if it has not yet.
-
-    On CPU, ``fit`` first calls :func:`jaxnn.host_memory.keep_freed_memory`
-    (glibc keeps freed memory for reuse, so each compiled call's buffers are not
-    page-faulted afresh; process-wide) unless ``JAXNN_KEEP_FREED_MEMORY=0``.
-
-    Returns:
-      A :class:`FitResult` with the trained params, state, optimizer state and
-      the history of the logged values per epoch.
+    Ctrl-C raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``); its
+    ``.result`` holds the last completed epoch, to resume from.
     """
     epochs = _check_positive_int(epochs, "epochs")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    verbose = _check_verbose(verbose)
     if on_nonfinite not in _ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
     guard = on_nonfinite != "ignore"
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int | np.integer) or (
             initial_epoch < 0):
-        raise ValueError(f"initial_epoch must be an integer >= 0, got {initial_epoch!r}")
+        raise ValueError(f"initial_epoch must be an integer >= 0 (the epoch to resume at, e.g. "
+                         f"a previous result's .epoch), got {initial_epoch!r}")
     whole_epoch = isinstance(steps_per_call, str) and steps_per_call == "epoch"
     if steps_per_call is not None and not whole_epoch:
         if isinstance(steps_per_call, str):
@@ -850,7 +1069,7 @@ def fit(
     if not 0.0 <= validation_split < 1.0:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
     if validation_split and validation_data is not None:
-        raise ValueError("give either validation_data or validation_split, not both")
+        raise ValueError("validation_data and validation_split: give one of them, not both")
     if value_and_grad is not None and penalty is not None:
         raise ValueError("give the penalty inside value_and_grad (its loss and gradient must "
                          "include it), not as penalty=, when using a custom value_and_grad")
@@ -861,16 +1080,17 @@ def fit(
     if compute_dtype is not None and value_and_grad is not None:
         raise ValueError("compute_dtype does not apply to a custom value_and_grad (it computes "
                          "its own gradient); cast inside value_and_grad instead")
-    if not isinstance(optimizer, optax.GradientTransformation) and not (
-        hasattr(optimizer, "init") and hasattr(optimizer, "update")
-    ):
-        raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    _check_optimizer(optimizer)
+    _check_key(key)
+    _check_not_pair(params)
     loss = _loss_forms.weighted(loss, "loss")
-    state = {} if state is None else state
     streaming = y is None
+    state_given = state is not None
+    state = {} if state is None else state
     if streaming:
         if validation_split:
-            raise ValueError("validation_split needs in-memory arrays; pass validation_data")
+            raise ValueError("validation_split needs in-memory arrays (x, y); with batches "
+                             "(y=None) pass validation_data=(x_val, y_val) instead")
         batches_for = x if callable(x) else (lambda epoch: x)
         if not callable(x) and iter(x) is x:
             raise TypeError("x is a one-shot iterator; pass a list of batches or a function "
@@ -878,6 +1098,8 @@ def fit(
         n = batch_size  # only used to size validation batches
     else:
         n = _check_arrays(x, y)
+        if not state_given:
+            _check_stateless(model, x)
         _check_data(model, params, state, x, y)
     if validation_split:
         n_val = int(n * validation_split)
@@ -914,7 +1136,8 @@ def fit(
         trainer = _Trainer(model, loss, optimizer, penalty, metric_fns, n, batch_size,
                            shuffle, steps_per_call, value_and_grad, data_parallel=parallel,
                            compute_dtype=compute_dtype,
-                           scan_unroll=_epoch_unroll(params, batch_size))
+                           scan_unroll=_epoch_unroll(params, batch_size),
+                           progress=verbose == 1)
     validate = None
     if validation_data is not None:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
@@ -940,6 +1163,7 @@ def fit(
         for callback in callbacks:
             _train_begin(callback, begin)
     done = carry  # the last completed point; a copy while `carry` is donated to an epoch
+    display = _Progress(epochs) if verbose == 1 else None
     try:
         while epoch < epochs:
             done = jax.tree_util.tree_map(jnp.copy, carry)
@@ -948,11 +1172,25 @@ def fit(
             epoch_key = jax.random.fold_in(key, epoch)
             epoch_data = batches_for(epoch) if streaming else data
             if streaming:
-                carry, sums, (code, step) = trainer.epoch(carry, epoch_data, epoch_key)
+                on_step = None
+                if display is not None:
+                    total = _length(epoch_data)
+                    display.start(epoch, total)
+                    on_step = functools.partial(_stream_progress, display, epoch,
+                                                _progress_every(total) if total else 10)
+                carry, sums, (code, step) = trainer.epoch(carry, epoch_data, epoch_key,
+                                                          on_step)
                 good = carry
             else:
-                carry, sums = trainer.epoch(carry, epoch_data, epoch_key)
+                compiled = None
+                if display is not None:
+                    compiled = functools.partial(_start_bar, display, trainer, epoch,
+                                                 epoch == initial_epoch)
+                carry, sums = trainer.epoch(carry, epoch_data, epoch_key, compiled)
             sums = jax.device_get(sums)  # waits for the epoch to finish
+            if display is not None:
+                trainer.on_progress = None
+                display.finish()
             if guard and not streaming:
                 # Any NaN/inf loss shows in the epoch's sum, any NaN/inf gradient in the
                 # values it updated; only then is the epoch replayed step by step.
@@ -982,6 +1220,9 @@ def fit(
             if validate is not None:
                 logs.update({"val_" + k: v
                              for k, v in validate(carry[0], carry[1], *val_data).items()})
+            rate = learning_rate(carry[2])
+            if rate is not None:
+                logs["learning_rate"] = rate
             for name, value in logs.items():
                 history.setdefault(name, []).append(value)
             history.setdefault("seconds", []).append(seconds)
@@ -1004,6 +1245,10 @@ def fit(
             if interrupted is not None:
                 interrupted(result)
         raise TrainingInterrupted(result) from None
+    finally:
+        if display is not None:
+            trainer.on_progress = None
+            display.finish()
 
     result = FitResult(carry[0], carry[1], carry[2], history, epoch, key,
                        trainer.compile_seconds)

@@ -27,6 +27,13 @@ The ``jaxnn-noguard`` column runs the same with ``fit(..., on_nonfinite="ignore"
 (``JAXNN_BENCH_ON_NONFINITE``): beside ``jaxnn`` it gives the cost of the check
 for NaN/inf losses and gradients inside the compiled epoch.
 
+The ``jaxnn-progress`` column runs the same with ``fit(..., verbose=1)``
+(``JAXNN_BENCH_VERBOSE``): the progress bar, updated from inside the compiled
+epoch, written to the worker's stdout, a pipe (so plain lines, no redraws); the
+``jaxnn-progress-tty`` column writes it to a pseudo-terminal instead
+(``JAXNN_BENCH_PROGRESS_TO=pty``, drained by a thread), so the bar is redrawn as
+on a user's terminal. Beside ``jaxnn`` (verbose=0) they give the bar's cost.
+
 With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) training runs
 ``fit(..., compute_dtype=jnp.bfloat16)`` (mixed precision, float32 master
 weights) and inference ``predict`` on params and inputs cast to bfloat16.
@@ -34,7 +41,10 @@ weights) and inference ``predict`` on params and inputs cast to bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 import time
 
 import jax
@@ -94,11 +104,43 @@ def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key,
          compute_dtype=None):
     import jaxnn
 
-    return jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-                     optimizer=jaxnn.optimizers.adam(LEARNING_RATE), key=key, epochs=epochs,
-                     batch_size=spec.batch, metrics=(), steps_per_call=steps_per_call,
-                     verbose=0, compute_dtype=compute_dtype, devices=_devices(),
-                     on_nonfinite=os.environ.get("JAXNN_BENCH_ON_NONFINITE", "raise"))
+    verbose = int(os.environ.get("JAXNN_BENCH_VERBOSE", "0"))
+    with _progress_output():
+        return jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
+                         optimizer=jaxnn.optimizers.adam(LEARNING_RATE), key=key,
+                         epochs=epochs, batch_size=spec.batch, metrics=(),
+                         steps_per_call=steps_per_call, verbose=verbose,
+                         compute_dtype=compute_dtype, devices=_devices(),
+                         on_nonfinite=os.environ.get("JAXNN_BENCH_ON_NONFINITE", "raise"))
+
+
+@contextlib.contextmanager
+def _progress_output():
+    """With ``JAXNN_BENCH_PROGRESS_TO=pty``: ``sys.stdout`` is a pseudo-terminal whose
+    output a thread reads and drops (fit then redraws its bar as on a terminal)."""
+    if os.environ.get("JAXNN_BENCH_PROGRESS_TO") != "pty":
+        yield
+        return
+    import pty
+
+    master, replica = pty.openpty()
+
+    def drain():
+        with contextlib.suppress(OSError):
+            while os.read(master, 65536):
+                pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    saved = sys.stdout
+    sys.stdout = open(replica, "w", buffering=1, closefd=True)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        sys.stdout.close()
+        sys.stdout = saved
+        reader.join(timeout=5)
+        os.close(master)
 
 
 def tune(model, params, x, y, spec: ModelSpec, key,
