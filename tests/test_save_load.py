@@ -259,3 +259,13 @@ def test_failed_save_leaves_the_existing_file_intact(tmp_path, monkeypatch):
     loaded = jaxnn.load(path)
     _assert_same_bits(loaded.params, params)
     assert loaded.extra == {"note": "first"}
+
+
+def test_64_bit_arrays_need_x64_instead_of_being_narrowed(tmp_path, x64):
+    params = {"w": np.arange(3, dtype=np.float64), "n": np.arange(2, dtype=np.int64)}
+    path = jaxnn.save(tmp_path / "wide.npz", params)
+    _assert_same_bits(jaxnn.load(path).params, params)
+    with jax.enable_x64(False):
+        with pytest.raises(CheckpointError, match=r"wide\.npz: 'params/n' is int64.*"
+                           "jax_enable_x64"):
+            jaxnn.load(path)
