@@ -120,7 +120,7 @@ def validation_fraction(text: str) -> float:
 
 
 def add_data_flags(parser, *, epochs: int, batch_size: int, optimizers, default_lr):
-    """--data-dir, --epochs, --batch-size, --optimizer, --lr, --optax,
+    """--data-dir, --epochs, --batch-size, --optimizer, --lr, --optax, --l2,
     --validation-split, --train-limit, --test-limit."""
     parser.add_argument("--data-dir", metavar="DIR",
                         help="folder with the four MNIST IDX files (default: "
@@ -137,6 +137,8 @@ def add_data_flags(parser, *, epochs: int, batch_size: int, optimizers, default_
                         help=f"learning rate (default: {lrs})")
     parser.add_argument("--optax", action="store_true",
                         help="use optax's optimizer instead of jaxnn's own")
+    parser.add_argument("--l2", type=non_negative_float, default=0.0,
+                        help="L2 penalty on the kernels (jaxnn.regularizers.l2)")
     parser.add_argument("--validation-split", type=validation_fraction,
                         default=DEFAULT_VALIDATION_SPLIT, metavar="FRACTION",
                         help="hold out this fraction of the training examples (the last "
@@ -353,6 +355,14 @@ def enable_compile_cache(args):
               "--no-compile-cache", file=sys.stderr)
         return None, None
     return folder, compilation_cache.cache_stats()
+
+
+def cache_line(summary) -> str:
+    """One line for the console: what the compilation cache saved this run."""
+    if summary["dir"] is None:
+        return "compilation cache: off"
+    return (f"compilation cache: {summary['hits']} programs loaded, {summary['misses']} "
+            f"compiled and saved ({summary['dir']})")
 
 
 def cache_summary(cache) -> dict:

@@ -200,7 +200,8 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
             loss=jaxnn.losses.sparse_softmax_cross_entropy,
             optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
             opt_state=opt_state, initial_epoch=initial_epoch,
-            metrics=["accuracy"], validation_data=None if x_val is None else (x_val, y_val),
+            penalty=jaxnn.regularizers.l2(args.l2) if args.l2 else None, metrics=["accuracy"],
+            validation_data=None if x_val is None else (x_val, y_val),
             callbacks=callbacks, steps_per_call=args.steps_per_call, verbose=verbose,
         )
     wall = time.perf_counter() - start
@@ -235,6 +236,7 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
         "batch_size": args.batch_size,
         "optimizer": f"{'optax' if args.optax else 'jaxnn'}.{args.optimizer}",
         "learning_rate": lr,
+        "l2": args.l2,
         "feed": args.feed,
         "steps_per_call": args.steps_per_call if args.feed == "device" else 1,
         "seed": args.seed,
@@ -248,6 +250,8 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
         "wall_seconds": wall,
         "history": result.history,
     }
+    if verbose:
+        print(_cli.cache_line(summary["compile_cache"]))
     if args.json:
         print(json.dumps(summary))
     return summary

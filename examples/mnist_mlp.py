@@ -62,8 +62,6 @@ def parse_args(argv=None):
     parser = _cli.ArgumentParser(description=__doc__.splitlines()[0])
     _cli.add_data_flags(parser, epochs=5, batch_size=32, optimizers=OPTIMIZERS,
                         default_lr=DEFAULT_LR)
-    parser.add_argument("--l2", type=_cli.non_negative_float, default=0.0,
-                        help="L2 penalty on the kernels")
     parser.add_argument("--grad", choices=("autodiff", "manual"), default="autodiff",
                         help="gradients by jax.grad or by the hand-written backward pass "
                         "of jaxnn.manual.MLP")
@@ -168,7 +166,8 @@ def main(argv=None):
     probabilities = jaxnn.predict(model, result.params, x_test, output="probabilities")
     predicted = np.asarray(probabilities.argmax(-1))
     if verbose:
-        print(f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f}")
+        print(f"test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
+              f"({result.compile_seconds:.1f} s compiling the training programs)")
         print("first predictions:", predicted[:10].tolist(), "labels:", y_test[:10].tolist())
     if args.plot:
         saved = _cli.save_plots(args.plot, result.history, x_test, predicted, y_test)
@@ -197,6 +196,8 @@ def main(argv=None):
         "wall_seconds": wall,
         "history": result.history,
     }
+    if verbose:
+        print(_cli.cache_line(summary["compile_cache"]))
     if args.json:
         print(json.dumps(summary))
     return summary

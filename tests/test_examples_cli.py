@@ -149,7 +149,7 @@ BAD_FLAGS = [
     (CNN, ["--feed", "gpu"], "--feed"),
     (CNN, ["--feed", "host", "--steps-per-call", "8"], "--steps-per-call"),
     (CNN, ["--lr", "nan"], "--lr"),
-    (CNN, ["--l2", "1e-4"], "--l2"),  # an MLP flag only
+    (CNN, ["--l2", "-1e-4"], "--l2"),
     (CNN, ["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
     (CNN, ["--plot", "{missing}/curves.png"], "--plot"),
     (CNN, ["--validation-split", "0.1.0"], "--validation-split"),
@@ -307,10 +307,10 @@ def test_help_shows_every_flag_with_its_default(name, capsys):
         elif current is not None and line.strip():
             current.append(line.strip())
     flags = {b[0].split()[0].rstrip(","): " ".join(b) for b in blocks}
-    # The same flags in all three examples (the MLP adds --l2 and --grad; the CNN and
-    # RNN add --feed and --steps-per-call).
+    # The same flags in all three examples (the MLP adds --grad; the CNN and RNN add
+    # --feed and --steps-per-call).
     assert {"--data-dir", "--epochs", "--batch-size", "--optimizer", "--lr", "--optax",
-            "--validation-split", "--train-limit", "--test-limit", "--seed", "--plot",
+            "--l2", "--validation-split", "--train-limit", "--test-limit", "--seed", "--plot",
             "--checkpoint-dir", "--json", "--quiet", "--cache-dir",
             "--no-compile-cache"} <= set(flags)
     assert "_confusion.png" in flags["--plot"] and "_errors.png" in flags["--plot"]
