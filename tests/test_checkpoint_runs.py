@@ -571,6 +571,7 @@ def _run_worker(folder, kill_at):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+@pytest.mark.slow
 def test_save_killed_at_every_step_loses_nothing(tmp_path):
     runs = range(len(KILL_POINTS) + 1)  # 0: a save that runs to the end
     folders = []

@@ -110,6 +110,7 @@ def _tiny_mnist(folder, n_train=200, n_test=50):
     return folder
 
 
+@pytest.mark.slow
 def test_mlp_example_starts_from_the_cache_the_second_time(tmp_path):
     data, cache = _tiny_mnist(tmp_path / "mnist"), tmp_path / "cache"
     argv = [str(ROOT / "examples" / "mnist_mlp.py"), "--data-dir", str(data), "--epochs", "1",

@@ -30,6 +30,7 @@ def test_block_extraction_finds_fenced_python_only():
     assert python_blocks(text) == [(3, "a = 1\n"), (10, "b = a + 1\n")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_every_python_block_of_the_page_runs(page, capsys):
     text = page.read_text()

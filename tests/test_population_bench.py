@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import population  # noqa: E402
 
 
+@pytest.mark.slow
 def test_quick_run_produces_every_figure(tmp_path, capsys):
     out = tmp_path / "population.json"
     assert population.main(["--quick", "--k", "2", "--random-data", "--json", str(out)]) == 0
