@@ -258,20 +258,27 @@ def test_tiled_max_pool_matches_window_reduction_on_ragged_sizes(x64):
     # lax.reduce_window (the general path) and with numpy, on sizes that leave rows over.
     from jax import lax
 
-    x = jax.random.normal(jax.random.key(3), (2, 7, 9, 3))
+    # Inputs from numpy (jax.random compiles a program per shape); values and gradients
+    # each from one jitted program (eager, every operation compiles on its own).
+    xs = np.random.default_rng(3).standard_normal((2, 7, 9, 3))
+    x = jnp.asarray(xs)
     layer = jaxnn.MaxPool((2, 3))
-    y = layer.apply({}, x)
-    general = lax.reduce_window(x, -np.inf, lax.max, (1, 2, 3, 1), (1, 2, 3, 1), "VALID")
-    np.testing.assert_array_equal(y, general)
-    xs = np.asarray(x)
+
+    def general(x):
+        return lax.reduce_window(x, -np.inf, lax.max, (1, 2, 3, 1), (1, 2, 3, 1), "VALID")
+
+    def values_and_grad(pool):
+        return jax.jit(lambda x: (pool(x), jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)))
+
+    np.testing.assert_array_equal(layer.apply({}, x), general(x))  # eager
+    y, g = values_and_grad(lambda x: layer.apply({}, x))(x)
+    y_general, g_general = values_and_grad(general)(x)
+    np.testing.assert_array_equal(y, y_general)
     expected = xs[:, :6, :9].reshape(2, 3, 2, 3, 3, 3).max(axis=(2, 4))
     np.testing.assert_array_equal(y, expected)
     # Without ties the gradient goes to the arg-max of each window, as reduce_window's does.
-    g = jax.grad(lambda x: jnp.sum(layer.apply({}, x) ** 2))(x)
-    g_general = jax.grad(lambda x: jnp.sum(lax.reduce_window(
-        x, -np.inf, lax.max, (1, 2, 3, 1), (1, 2, 3, 1), "VALID") ** 2))(x)
     np.testing.assert_allclose(g, g_general, rtol=1e-12)
     # Tied maxima share the window's gradient equally.
     tied = jnp.zeros((1, 2, 2, 1))
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jaxnn.MaxPool(2).apply({}, x)))(tied),
-                               np.full((1, 2, 2, 1), 0.25))
+    grad_tied = jax.jit(jax.grad(lambda x: jnp.sum(jaxnn.MaxPool(2).apply({}, x))))(tied)
+    np.testing.assert_allclose(grad_tied, np.full((1, 2, 2, 1), 0.25))
