@@ -133,6 +133,7 @@ def test_batchnorm_grads_train_mode(x64, key):
     _, state = layer.init_with_state(key, x)
     w = jnp.asarray(rng.normal(size=(6, 3)))  # a random projection makes the loss non-trivial
 
+    @jax.jit  # one program for the many evaluations of the finite differences
     def loss(p):
         y, _ = layer.apply_with_state(p["params"], state, p["x"], train=True)
         return jnp.sum(w * y) + jnp.sum(y**3) / 10
@@ -149,6 +150,7 @@ def test_batchnorm_eval_grads(x64, key):
     _, state = layer.init_with_state(key, x)
     state = {"mean": jnp.asarray(rng.normal(size=3)), "var": jnp.asarray(rng.uniform(1, 2, 3))}
 
+    @jax.jit
     def loss(p):
         y, _ = layer.apply_with_state(p["params"], state, p["x"], train=False)
         return jnp.sum(jnp.sin(y))
@@ -272,6 +274,7 @@ def test_layernorm_grads(x64, key):
     x = jnp.asarray(rng.normal(size=(3, 5)))
     w = jnp.asarray(rng.normal(size=(3, 5)))
 
+    @jax.jit
     def loss(p):
         return jnp.sum(w * layer.apply(p["params"], p["x"])) + jnp.sum(
             layer.apply(p["params"], p["x"]) ** 3) / 10
