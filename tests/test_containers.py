@@ -14,6 +14,11 @@ def _mlp():
                              jaxnn.Dense(10)])
 
 
+def _normal(seed, shape):
+    """Standard normal inputs from numpy (jax.random compiles a program per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
+
+
 def _numpy_mlp(params, x):
     h = np.asarray(x, np.float64)
     for i in range(3):
@@ -36,7 +41,7 @@ def test_sequential_param_names_and_shapes(key):
 
 def test_sequential_matches_numpy_and_is_pure(key, x64):
     model = _mlp()
-    x = jax.random.normal(jax.random.key(1), (5, 784))
+    x = _normal(1, (5, 784))
     params = model.init(key, x)
     y = model.apply(params, x)
     np.testing.assert_allclose(y, _numpy_mlp(params, x), rtol=1e-12, atol=1e-12)
@@ -45,7 +50,7 @@ def test_sequential_matches_numpy_and_is_pure(key, x64):
 
 def test_sequential_vmap_over_batches(key):
     model = _mlp()
-    xs = jax.random.normal(jax.random.key(1), (3, 4, 784))
+    xs = _normal(1, (3, 4, 784))
     params = model.init(key, xs[0])
     stacked = jax.vmap(model.apply, in_axes=(None, 0))(params, xs)
     for i in range(3):
@@ -54,9 +59,9 @@ def test_sequential_vmap_over_batches(key):
 
 def test_sequential_gradients_match_finite_differences(key, x64):
     model = jaxnn.Sequential([jaxnn.Dense(5), jnp.tanh, jaxnn.Dense(3)])
-    x = jax.random.normal(jax.random.key(1), (4, 6))
+    x = _normal(1, (4, 6))
     params = model.init(key, x)
-    errors = check_grads(lambda p: jnp.sum(model.apply(p, x) ** 2), params)
+    errors = check_grads(jax.jit(lambda p: jnp.sum(model.apply(p, x) ** 2)), params)
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -91,8 +96,8 @@ def test_functional_model_residual_and_two_inputs(key, x64):
         h = ha + hb
         return h + nn(jaxnn.Dense(4), h)  # residual
 
-    a = jax.random.normal(jax.random.key(1), (3, 5))
-    b = jax.random.normal(jax.random.key(2), (3, 7))
+    a = _normal(1, (3, 5))
+    b = _normal(2, (3, 7))
     params = two_tower.init(key, a, b)
     assert set(params) == {"dense_0", "dense_1", "dense_2"}
     p = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in params.items()}
@@ -101,7 +106,8 @@ def test_functional_model_residual_and_two_inputs(key, x64):
     expected = h + dense("dense_2", h)
     np.testing.assert_allclose(two_tower.apply(params, a, b), expected, rtol=1e-12)
     np.testing.assert_allclose(jax.jit(two_tower.apply)(params, a, b), expected, rtol=1e-12)
-    errors = check_grads(lambda q: jnp.sum(two_tower.apply(q, a, b) ** 2), params)
+    errors = check_grads(jax.jit(lambda q: jnp.sum(two_tower.apply(q, a, b) ** 2)),
+                         params)
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -204,10 +210,10 @@ def test_dense_options_and_errors(key, x64):
 @pytest.mark.parametrize("layer", [jaxnn.Flatten(), jaxnn.Reshape((6, 2))],
                          ids=["flatten", "reshape"])
 def test_shape_layers_gradients_jit_and_vmap(layer, x64):
-    x = jax.random.normal(jax.random.key(4), (2, 3, 4))
-    weights = jax.random.normal(jax.random.key(5), (2, 12))
+    x = _normal(4, (2, 3, 4))
+    weights = _normal(5, (2, 12))
     f = lambda x: jnp.sum(layer.apply({}, x).reshape(2, 12) * weights)
-    errors = check_grads(f, x)
+    errors = check_grads(jax.jit(f), x)
     assert max(errors.values()) < 1e-6
     # The gradient of a reshape is the upstream gradient reshaped back.
     np.testing.assert_array_equal(jax.grad(f)(x), np.asarray(weights).reshape(2, 3, 4))
