@@ -41,16 +41,27 @@ def _reference_loop(model, params, x, y, batch_size, epochs, optimizer, l2=0.0):
     return params
 
 
-@pytest.mark.parametrize("steps_per_call", [None, 1, 4])
-def test_fit_equals_plain_loop_with_short_last_batch(x64, steps_per_call):
-    x, y = _data(n=50)  # batch 16: 3 full batches and one of 2
-    model = _model()
-    params = model.init(jax.random.key(0), x)
+@pytest.fixture(scope="module")
+def plain_loop_case():
+    """The data, initial params and the plain loop's result, computed once for the three
+    steps_per_call cases below (the loop runs op by op; it does not depend on the case)."""
+    with jax.enable_x64(True):
+        x, y = _data(n=50)  # batch 16: 3 full batches and one of 2
+        model = _model()
+        params = model.init(jax.random.key(0), x)
+        expected = _reference_loop(model, params, x, y, 16, 3, optax.adam(1e-2), l2=1e-3)
+    return x, y, model, params, expected
+
+
+# 4 steps an epoch: the whole epoch, one step a call, and chunks of 3 then 1 (a chunk and
+# a remainder, whose 1-step program is the steps_per_call=1 case's, loaded from the cache).
+@pytest.mark.parametrize("steps_per_call", [None, 1, 3])
+def test_fit_equals_plain_loop_with_short_last_batch(x64, plain_loop_case, steps_per_call):
+    x, y, model, params, expected = plain_loop_case
     result = fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
                  optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=3,
                  batch_size=16, shuffle=False, steps_per_call=steps_per_call, verbose=0,
                  penalty=jaxnn.regularizers.l2(1e-3))
-    expected = _reference_loop(model, params, x, y, 16, 3, optax.adam(1e-2), l2=1e-3)
     for got, want in zip(jax.tree_util.tree_leaves(result.params),
                          jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -78,8 +89,9 @@ def test_shuffling_is_deterministic_per_key():
                         loss=jaxnn.losses.sparse_softmax_cross_entropy,
                         optimizer=optax.sgd(0.1), key=jax.random.key(k), epochs=1,
                         batch_size=8, verbose=0).params["dense_0"]["kernel"]
-    np.testing.assert_array_equal(run(5), run(5))
-    assert not np.allclose(run(5), run(6))
+    first = run(5)
+    np.testing.assert_array_equal(first, run(5))
+    assert not np.allclose(first, run(6))
 
 
 def test_history_matches_evaluate_and_validation():
@@ -223,10 +235,11 @@ def test_early_stopping_stops_and_restores_best():
     assert stopper.best_epoch == best
     got = evaluate(model, result.params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy)
     assert got["loss"] == pytest.approx(losses[best], rel=1e-5)
+    # the same optimizer and batch size as above: the same training program, from the cache
     with pytest.raises(KeyError, match="monitor 'val_auc' is not logged"):
         fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-            optimizer=optax.sgd(0.1), key=jax.random.key(0), epochs=2, verbose=0,
-            callbacks=[EarlyStopping("val_auc")])
+            optimizer=optax.sgd(50.0), key=jax.random.key(0), epochs=2, batch_size=8,
+            verbose=0, callbacks=[EarlyStopping("val_auc")])
 
 
 def test_predict_and_evaluate_compile_once():
@@ -256,8 +269,10 @@ def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
     from jaxnn.training import _CONV_STEPS_PER_CALL_ON_CPU, _default_steps_per_call
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(20, 6, 6, 1))
-    y = rng.integers(0, 3, size=20)
+    # 16 examples in batches of 4: one chunk of 4 steps, a single straight-line program
+    # (chunks with a remainder are checked against the plain loop above)
+    x = rng.normal(size=(16, 6, 6, 1))
+    y = rng.integers(0, 3, size=16)
     cnn = jaxnn.Sequential([jaxnn.Conv2D(2, 3), jaxnn.relu, jaxnn.Flatten(), jaxnn.Dense(3)])
     mlp = jaxnn.Sequential([jaxnn.Flatten(), jaxnn.Dense(4), jaxnn.relu, jaxnn.Dense(3)])
     cnn_params = cnn.init(jax.random.key(0), x[:1])
