@@ -93,10 +93,10 @@ def test_matches_optax_on_mlp(name, x64):
     _assert_trees_close(ours_final, optax_final)
 
 
+# An optax schedule given to ours, on the MLP. Gradient descent and SGD with a schedule
+# (the same _scale_by_learning_rate as adam's) are compared with optax step by step in
+# tests/test_schedules.py::test_our_optimizers_match_optax_with_a_schedule.
 SCHEDULED = {
-    "gradient_descent": (optimizers.gradient_descent, lambda lr: optax.sgd(lr)),
-    "sgd_nesterov": (lambda lr: optimizers.sgd(lr, 0.9, nesterov=True),
-                     lambda lr: optax.sgd(lr, 0.9, nesterov=True)),
     "adam": (optimizers.adam, optax.adam),
     "adamw_scheduled_decay": (
         lambda lr: optimizers.adamw(lr, weight_decay=optax.linear_schedule(0.1, 0.0, 50)),
