@@ -292,10 +292,14 @@ def _dot_counts(jaxpr):
 def test_input_projection_placement(kind, placement, counts, key):
     # All at once (GPU/TPU): one matmul before the scan, only h @ recurrent_kernel inside.
     # Each step (CPU): x_t @ kernel inside the scan as well. Both give the same values.
-    x = jax.random.normal(key, (2, 6, 3))
+    # Inputs and parameters from numpy (initialisation is tested above; here it would
+    # only compile its programs again for each kind).
+    x = jnp.asarray(np.random.default_rng(18).normal(size=(2, 6, 3)), jnp.float32)
     by_backend = FACTORIES[kind](4, return_sequences=True)
     fixed = FACTORIES[kind](4, return_sequences=True, projection=placement)
-    params = by_backend.init(key, x)
+    params = {k: v.astype(jnp.float32) for k, v in _random_params(kind, 3, 4, seed=18).items()}
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+        jnp.shape, jax.eval_shape(by_backend.init, key, x))
 
     def run(layer):
         return lambda p, x: layer.apply(p, x, lengths=jnp.array([6, 2]))
@@ -315,9 +319,16 @@ def test_projection_option_is_checked(kind):
 # -- errors ------------------------------------------------------------------------
 
 
+def _zero_params(layer, key, x):
+    """Parameters of the right shapes without running (and compiling) the initialisers:
+    the errors below are raised from the shapes alone."""
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  jax.eval_shape(layer.init, key, x))
+
+
 def test_errors_name_the_layer_and_the_shapes(key):
     x = jnp.zeros((2, 4, 3))
-    params = LSTM(5).init(key, x)
+    params = _zero_params(LSTM(5), key, x)
     with pytest.raises(ValueError, match=r"LSTM layer.*rank 3.*\(4, 3\)"):
         LSTM(5).apply(params, x[0])
     with pytest.raises(ValueError, match=r"rank 3.*\(batch, time, features\)"):
@@ -330,7 +341,7 @@ def test_errors_name_the_layer_and_the_shapes(key):
         LSTM(5).apply(params, jnp.zeros((2, 4, 3), jnp.int32))
 
     net = Sequential([LSTM(5), Dense(2)])
-    net_params = net.init(key, x)
+    net_params = _zero_params(net, key, x)
     with pytest.raises(ValueError, match=r"LSTM layer 'lstm_0'.*features\) 3"):
         net.apply(net_params, jnp.zeros((2, 4, 6)))
 
@@ -338,7 +349,7 @@ def test_errors_name_the_layer_and_the_shapes(key):
 def test_errors_for_masks_and_initial_state(key):
     x = jnp.zeros((2, 4, 3))
     layer = LSTM(5)
-    params = layer.init(key, x)
+    params = _zero_params(layer, key, x)
     with pytest.raises(ValueError, match="either lengths= or mask="):
         layer.apply(params, x, lengths=jnp.array([1, 2]), mask=jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match=r"lengths must have shape \(batch,\) = \(2,\).*\(3,\)"):
@@ -354,7 +365,7 @@ def test_errors_for_masks_and_initial_state(key):
     with pytest.raises(ValueError, match=r"initial_state c must have shape .*\(2, 5\)"):
         layer.apply(params, x, initial_state=(jnp.zeros((2, 5)), jnp.zeros((2, 4))))
     with pytest.raises(ValueError, match=r"initial_state must have shape .*\(2, 5\)"):
-        GRU(5).apply(GRU(5).init(key, x), x, initial_state=jnp.zeros((5,)))
+        GRU(5).apply(_zero_params(GRU(5), key, x), x, initial_state=jnp.zeros((5,)))
     with pytest.raises(ValueError, match="units must be a positive integer"):
         GRU(0)
     with pytest.raises(TypeError, match="activation must be callable"):
