@@ -47,13 +47,21 @@ def _module_names(module) -> list[str]:
                   if not name.startswith("_") and callable(getattr(module, name, None)))
 
 
-@functools.lru_cache(maxsize=256)
 def weighted(fn: str | Callable, what: str = "loss") -> WeightedFn:
     """``fn`` (a name or a function in one of the forms above) as
-    ``f(predictions, targets, *, weights) -> weighted mean``.
+    ``f(predictions, targets, *, weights) -> weighted mean``; cached per ``fn`` when
+    ``fn`` is hashable, so repeated calls reuse compiled programs.
 
     ``what`` names the argument in errors (``"loss"``, ``"metrics"``).
     """
+    try:
+        hash(fn)
+    except TypeError:  # e.g. a callable object defining __eq__ without __hash__
+        return _weighted(fn, what)
+    return _weighted_cached(fn, what)
+
+
+def _weighted(fn: str | Callable, what: str) -> WeightedFn:
     if isinstance(fn, str):
         from jaxnn import losses, metrics
 
@@ -91,3 +99,6 @@ def weighted(fn: str | Callable, what: str = "loss") -> WeightedFn:
 
     per_example_mean.__name__ = name
     return per_example_mean
+
+
+_weighted_cached = functools.lru_cache(maxsize=256)(_weighted)

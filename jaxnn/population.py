@@ -221,7 +221,8 @@ def fit_many(
     history: dict[str, list] = {}
     for epoch in range(epochs):
         start = time.perf_counter()
-        epoch_start = jax.tree_util.tree_map(jnp.copy, carry)  # `carry` is donated
+        # `carry` is donated to the epoch: keep its start for a replay after a NaN/inf
+        epoch_start = jax.tree_util.tree_map(jnp.copy, carry) if guard else None
         carry, sums = compiled(carry, hyperparams, key, epoch, data)
         sums = jax.device_get(sums)
         # A NaN/inf loss shows in the epoch's sums, a NaN/inf gradient in the values it

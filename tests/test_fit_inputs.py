@@ -244,3 +244,15 @@ def test_fit_many_checks_its_data_too(setup):
     with pytest.raises(ValueError, match=r"y: class label 5 at index 9"):
         jaxnn.fit_many(model, stacked, x, _with(y, 9, 5), loss="sparse_softmax_cross_entropy",
                        optimizer=optax.sgd(0.1), key=jax.random.key(1), verbose=0)
+
+
+def test_an_unhashable_callable_loss_is_taken(setup):
+    class PerExample:
+        __hash__ = None  # as for any class that defines __eq__ only
+
+        def __call__(self, predictions, targets):
+            return optax.softmax_cross_entropy_with_integer_labels(predictions, targets)
+
+    by_object = _fit(setup, PerExample())
+    by_function = _fit(setup, optax.softmax_cross_entropy_with_integer_labels)
+    np.testing.assert_allclose(by_object.history["loss"], by_function.history["loss"], rtol=1e-6)
