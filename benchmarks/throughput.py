@@ -518,21 +518,16 @@ def format_report(report: dict) -> str:
         if overhead.get(name) is not None:
             lines.append(f"  jaxnn per-epoch overhead over the hand-fused scan: "
                          f"{overhead[name]:+.1f}%")
-        guard = guard_cost(report).get(name)
-        if guard is not None:
-            rounds = ", ".join(f"{c:+.1f}%" for c in guard["rounds"])
-            median = (f"; median of rounds {guard['median']:+.1f}%, by round {rounds}"
-                      if rounds else "")
-            lines.append(f"  cost of fit's non-finite guard (jaxnn-noguard / jaxnn - 1): "
-                         f"{guard['best']:+.1f}% best rounds{median}")
-        for column in ("jaxnn-progress", "jaxnn-progress-tty"):
-            bar = guard_cost(report, "jaxnn", column).get(name)
-            if bar is not None:
-                rounds = ", ".join(f"{c:+.1f}%" for c in bar["rounds"])
-                median = (f"; median of rounds {bar['median']:+.1f}%, by round {rounds}"
+        for what, without, base in (("fit's non-finite guard", "jaxnn-noguard", "jaxnn"),
+                                    ("fit's progress bar", "jaxnn", "jaxnn-progress"),
+                                    ("fit's progress bar", "jaxnn", "jaxnn-progress-tty")):
+            cost = guard_cost(report, without, base).get(name)
+            if cost is not None:
+                rounds = ", ".join(f"{c:+.1f}%" for c in cost["rounds"])
+                median = (f"; median of rounds {cost['median']:+.1f}%, by round {rounds}"
                           if rounds else "")
-                lines.append(f"  cost of fit's progress bar (jaxnn / {column} - 1): "
-                             f"{bar['best']:+.1f}% best rounds{median}")
+                lines.append(f"  cost of {what} ({without} / {base} - 1): "
+                             f"{cost['best']:+.1f}% best rounds{median}")
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"
