@@ -39,6 +39,7 @@ from jaxnn.activations import (
 )
 from jaxnn.checkpoint import resume
 from jaxnn.compilation_cache import enable_compilation_cache
+from jaxnn.evaluation import evaluate, predict
 from jaxnn.gradcheck import check_grads
 from jaxnn.layers import (
     GRU,
@@ -68,16 +69,10 @@ from jaxnn.layers import (
 )
 from jaxnn.plotting import plot_history
 from jaxnn.population import fit_many, init_many
+from jaxnn.results import FitResult, NonFiniteError, TrainingInterrupted
 from jaxnn.saving import load, save
 from jaxnn.summary import count_params, summarize
-from jaxnn.training import (
-    FitResult,
-    NonFiniteError,
-    TrainingInterrupted,
-    evaluate,
-    fit,
-    predict,
-)
+from jaxnn.training import fit
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ import numpy as np
 from jaxnn._typing import Params, PRNGKey, State
 
 if TYPE_CHECKING:
-    from jaxnn.training import FitResult
+    from jaxnn.results import FitResult
 
 
 @dataclasses.dataclass

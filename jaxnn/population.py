@@ -23,29 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import _loss_forms, host_memory
+from jaxnn import _loss_forms, _steps, host_memory
+from jaxnn._chunks import epoch_plan, scan_steps
+from jaxnn._fit_checks import ON_NONFINITE, check_arrays, check_data, check_positive_int
+from jaxnn._progress import check_verbose
+from jaxnn._steps import LossFn, MetricFn, all_finite, make_step, metric_table, no_halt
 from jaxnn._typing import Array, Params, PRNGKey
+from jaxnn.evaluation import evaluation_sums
 from jaxnn.layers._base import Layer
-from jaxnn.training import (
-    _NONFINITE_WHAT,
-    _ON_NONFINITE,
-    FitResult,
-    LossFn,
-    MetricFn,
-    NonFiniteError,
-    _check_arrays,
-    _check_data,
-    _check_positive_int,
-    _check_verbose,
-    _halting,
-    _make_step,
-    _metric_table,
-    _no_halt,
-    all_finite,
-    epoch_plan,
-    evaluation_sums,
-    scan_steps,
-)
+from jaxnn.results import FitResult, NonFiniteError
+from jaxnn.training import NONFINITE_WHAT
 
 Hyperparams = Mapping[str, Array]
 
@@ -132,7 +119,7 @@ def fit_many(
         the members); 0: silent. ``True``/``False`` mean 1/0.
       on_nonfinite: as in :func:`jaxnn.fit`: at the first step where the loss or
         the gradient of any member is NaN or inf, training stops for the whole
-        population; :class:`jaxnn.training.NonFiniteError` (or, with ``"warn"``,
+        population; :class:`jaxnn.NonFiniteError` (or, with ``"warn"``,
         a warning and the returned result) names the members, the epoch and the
         step, and its ``result`` holds every member's values from before that step.
         ``"ignore"``: no check.
@@ -142,20 +129,20 @@ def fit_many(
       leading axis K, and whose history holds, per logged name, one list of K
       values per epoch.
     """
-    epochs = _check_positive_int(epochs, "epochs")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    verbose = _check_verbose(verbose, "fit_many")
-    if on_nonfinite not in _ON_NONFINITE:
-        raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    verbose = check_verbose(verbose, "fit_many")
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     guard = on_nonfinite != "ignore"
     loss = _loss_forms.weighted(loss, "loss")
     hyperparams = dict(hyperparams or {})
     members = _population_size(params, key, hyperparams)
-    n = _check_arrays(x, y)
+    n = check_arrays(x, y)
     first_member = jax.tree_util.tree_map(lambda a: a[0], params)
-    _check_data(model, first_member, {}, x, y)
+    check_data(model, first_member, {}, x, y)
     batch_size = min(batch_size, n)
-    metric_fns = _metric_table(metrics)
+    metric_fns = metric_table(metrics)
     hyperparams = {name: jnp.asarray(v) for name, v in hyperparams.items()}
     host_memory.prepare_cpu()
 
@@ -171,12 +158,13 @@ def fit_many(
 
     def member_epoch(carry, hp, member_key, epoch, data, length=None, halting=False):
         opt, pen = parts(hp)
-        step = _make_step(model, loss, opt, pen, metric_fns, guard=halting)
+        step = make_step(model, loss, opt, pen, metric_fns, guard=halting)
         plan = epoch_plan(jax.random.fold_in(member_key, epoch), n, batch_size, shuffle)
         if length is not None:  # the epoch's first `length` steps (to replay up to a bad step)
             plan = jax.tree_util.tree_map(lambda a: a[:length], plan)
-        if halting:  # find the member's first non-finite step (see jaxnn.training._halting)
-            (carry, (code, at, _)), sums = scan_steps(_halting(step), (carry, _no_halt()),
+        if halting:  # find the member's first non-finite step (see jaxnn._steps.halting)
+            (carry, (code, at, _)), sums = scan_steps(_steps.halting(step),
+                                                      (carry, no_halt()),
                                                       data, plan)
             return carry, (code, at)
         return scan_steps(step, carry, data, plan)
@@ -198,8 +186,8 @@ def fit_many(
 
     validate = None
     if validation_data is not None:
-        n_val = _check_arrays(*validation_data, "validation_data[0]", "validation_data[1]")
-        _check_data(model, first_member, {}, *validation_data, "validation_data[0]",
+        n_val = check_arrays(*validation_data, "validation_data[0]", "validation_data[1]")
+        check_data(model, first_member, {}, *validation_data, "validation_data[0]",
                     "validation_data[1]")
         val_data = jax.tree_util.tree_map(jnp.asarray, tuple(validation_data))
 
@@ -239,7 +227,7 @@ def fit_many(
             good = epoch_start if step == 0 else run_epoch(epoch_start, hyperparams, key, epoch,
                                                            data, length=step)[0]
             result = FitResult(*good, history, epoch, key, compile_seconds)
-            what = _NONFINITE_WHAT[int(codes[first[0]])]
+            what = NONFINITE_WHAT[int(codes[first[0]])]
             message = (f"fit_many: {what} NaN or inf for member(s) {first.tolist()} at epoch "
                        f"{epoch + 1}/{epochs}, step {step + 1} (counting from 1); training "
                        f"stopped there for all {members} members. Members that fail: "

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 import jaxnn
-from jaxnn import training
+from jaxnn import _chunks
 
 EPOCHS = 6
 
@@ -87,7 +87,7 @@ def main() -> None:
         if mode == "compile":
             undo = patched(jax.stages.Lowered, "compile", 1)
         elif mode == "epoch":
-            undo = patched(training._Trainer, "_run", 3)
+            undo = patched(_chunks.ChunkRunner, "run", 3)
         elif mode == "save":
             undo = patched(os, "replace", 3, before=True)
         else:

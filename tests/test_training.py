@@ -266,7 +266,7 @@ def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
     # On CPU a model with a convolution runs 4 straight-line steps per call by default
     # (a convolution inside a rolled loop runs many times slower on XLA:CPU); others,
     # the whole epoch. The choice changes the program, not the numbers.
-    from jaxnn.training import _CONV_STEPS_PER_CALL_ON_CPU, _default_steps_per_call
+    from jaxnn._chunks import CONV_STEPS_PER_CALL_ON_CPU, default_steps_per_call
 
     rng = np.random.default_rng(0)
     # 16 examples in batches of 4: one chunk of 4 steps, a single straight-line program
@@ -278,14 +278,14 @@ def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
     cnn_params = cnn.init(jax.random.key(0), x[:1])
     mlp_params = mlp.init(jax.random.key(0), x[:1])
     assert jax.default_backend() == "cpu"
-    assert _default_steps_per_call(cnn, cnn_params, {}, x, 4) == _CONV_STEPS_PER_CALL_ON_CPU
-    assert _default_steps_per_call(mlp, mlp_params, {}, x, 4) is None
+    assert default_steps_per_call(cnn, cnn_params, {}, x, 4) == CONV_STEPS_PER_CALL_ON_CPU
+    assert default_steps_per_call(mlp, mlp_params, {}, x, 4) is None
 
     kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy,
                   optimizer=jaxnn.optimizers.adam(1e-2), key=jax.random.key(1), epochs=2,
                   batch_size=4, verbose=0)
     by_default = fit(cnn, cnn_params, x, y, **kwargs)
-    chunked = fit(cnn, cnn_params, x, y, steps_per_call=_CONV_STEPS_PER_CALL_ON_CPU, **kwargs)
+    chunked = fit(cnn, cnn_params, x, y, steps_per_call=CONV_STEPS_PER_CALL_ON_CPU, **kwargs)
     whole = fit(cnn, cnn_params, x, y, steps_per_call="epoch", **kwargs)
     leaves = [jax.tree_util.tree_leaves(r.params) for r in (by_default, chunked, whole)]
     for a, b, c in zip(*leaves):
