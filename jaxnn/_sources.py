@@ -139,17 +139,30 @@ class ResidentArrays:
                         count if self.straight_line else None)
 
 
-def take_rows(tree, rows):
-    return jax.tree_util.tree_map(lambda a: np.take(a, rows, axis=0), tree)
+def take_rows(tree, rows, size: int):
+    """The examples ``rows`` of host arrays, in new arrays of ``size >= len(rows)`` rows
+    (the rest zeros). One copy: ``jax.device_put`` then takes the arrays without
+    copying them again (on CPU, where the buffers are aligned)."""
+
+    def take(a):
+        out = np.empty((size, *a.shape[1:]), a.dtype)
+        np.take(a, rows, axis=0, out=out[:len(rows)])  # faster than a[rows] with out=
+        out[len(rows):] = 0
+        return out
+
+    return jax.tree_util.tree_map(take, tree)
 
 
 def _stack(items):
+    if isinstance(items[0], np.ndarray | np.generic | int | float):
+        return np.stack(items)
     return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *items)
 
 
-def read_source(source, rows: np.ndarray, name: str = "x"):
-    """The examples ``rows`` of a random-access ``source``, stacked: ``(xb, yb)``.
-    ``source.__getitems__`` reads them in one call when the source has it."""
+def read_source(source, rows: np.ndarray, size: int | None = None, name: str = "x"):
+    """The examples ``rows`` of a random-access ``source``, stacked: ``(xb, yb)``, with
+    zero rows up to ``size``. ``source.__getitems__`` reads them in one call when the
+    source has it."""
     getitems = getattr(source, "__getitems__", None)
     items = (getitems(rows.tolist()) if getitems is not None
              else [source[int(i)] for i in rows])
@@ -159,7 +172,12 @@ def read_source(source, rows: np.ndarray, name: str = "x"):
                         f"got {type(first).__name__} for item {int(rows[0])}; map the source, "
                         f"e.g. with jaxnn.datasets.tfds_source, or wrap it in a class whose "
                         f"__getitem__ returns (x, y)")
-    return _stack([item[0] for item in items]), _stack([item[1] for item in items])
+    pair = _stack([item[0] for item in items]), _stack([item[1] for item in items])
+    if size is None or size == len(rows):
+        return pair
+    return jax.tree_util.tree_map(
+        lambda a: np.concatenate([a, np.zeros((size - len(rows), *a.shape[1:]), a.dtype)]),
+        pair)
 
 
 def label_check(classes: int | None, name: str):
@@ -169,6 +187,8 @@ def label_check(classes: int | None, name: str):
     def check(y, rows):
         if classes is None or isinstance(y, dict) or not np.issubdtype(y.dtype, np.integer):
             return
+        if rows is not None:
+            y = y[:len(rows)]  # the rest is padding
         bad = (y < 0) | (y >= classes)
         if bad.any():
             at = np.unravel_index(int(np.argmax(bad)), y.shape)
@@ -212,15 +232,14 @@ class HostExamples:
         idx, weights = np.asarray(idx), np.asarray(weights)
         for start in range(0, self.steps, self.chunk):
             count = min(self.chunk, self.steps - start)
+            size = count if self.straight_line else self.chunk  # steps in the program
             rows = idx[start:start + count].reshape(-1)
-            xb, yb = self.read(rows)
+            xb, yb = self.read(rows, size * self.batch_size)
             if self.check_labels is not None:
                 self.check_labels(yb, rows)
             xs, ys = jax.tree_util.tree_map(
-                lambda a, count=count: a.reshape(count, self.batch_size, *a.shape[1:]), (xb, yb))
-            ws = weights[start:start + count]
-            size = count if self.straight_line else self.chunk
-            xs, ys, ws = _pad_steps((xs, ys, ws), size)
+                lambda a, size=size: a.reshape(size, self.batch_size, *a.shape[1:]), (xb, yb))
+            ws = _pad_steps(weights[start:start + count], size)
             args = self.placement.put(xs, ys, ws, self.plans.keys_of_chunk(keys, start, size))
             yield Chunk("stacked", args, count, count if self.straight_line else None)
 

@@ -287,7 +287,7 @@ def _source(model, params, state, state_given, x, y, *, feed, batch_size, accumu
         n = len(x)
         if n == 0:
             raise ValueError("x (a source) has no examples: len(x) is 0")
-        first = _sources.read_source(x, np.arange(1))
+        first = _sources.read_source(x, np.arange(1), name="x")
         check_arrays(*first, "x[0] (a source's example)", "its label")
         if not state_given:
             check_stateless(model, first[0])
