@@ -136,6 +136,15 @@ FRAMEWORKS: dict[str, Framework] = {
     "jaxnn-progress-tty": Framework("peers.jaxnn_fit", "jaxnn fit, verbose=1 (pty)",
                                     {"JAXNN_BENCH_VERBOSE": "1",
                                      "JAXNN_BENCH_PROGRESS_TO": "pty"}, True, True),
+    # jaxnn with the data left on the host and streamed in prefetched chunks: numpy arrays
+    # (fit(feed="host")), an np.memmap of a file, and a random-access source of examples
+    # (len and __getitems__, as tfds's and grain's sources) reading that memmap.
+    "jaxnn-host": Framework("peers.jaxnn_fit", "jaxnn fit, host arrays",
+                            {"JAXNN_BENCH_FEED": "host"}, True, True),
+    "jaxnn-memmap": Framework("peers.jaxnn_fit", "jaxnn fit, memmap",
+                              {"JAXNN_BENCH_FEED": "memmap"}, True, True),
+    "jaxnn-source": Framework("peers.jaxnn_fit", "jaxnn fit, source",
+                              {"JAXNN_BENCH_FEED": "source"}, True, True),
     "jax": Framework("peers.jax_optax", "JAX+optax loop", {}, True, True),
     "jax-scan": Framework("peers.jax_scan", "JAX fused scan", {}, True, True),
     "torch": Framework("peers.torch_eager", "PyTorch eager", {}, False, False),

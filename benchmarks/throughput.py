@@ -37,6 +37,10 @@ The frameworks (``--frameworks``, default all), each in its own process
 * ``jaxnn-noguard``: the same with ``fit(on_nonfinite="ignore")``; under each
   table, the cost of fit's NaN/inf guard is ``(jaxnn-noguard samples/s / jaxnn
   samples/s - 1) * 100`` percent;
+* ``jaxnn-host``, ``jaxnn-memmap``, ``jaxnn-source``: the training data left on the
+  host (numpy arrays, an ``np.memmap``, a random-access source of examples) and
+  streamed by ``fit`` in prefetched chunks; under each table, each one's rate as
+  a ratio of ``jaxnn``'s (the dataset on the device), round by round;
 * ``jax``: plain JAX + optax as tutorials write it (a jitted step in a Python loop);
 * ``jax-scan``: the same plain JAX models with the whole epoch hand-fused into one
   jitted ``lax.scan`` (the CNN: 4 straight-line steps per jitted call), the
@@ -528,6 +532,14 @@ def format_report(report: dict) -> str:
                           if rounds else "")
                 lines.append(f"  cost of {what} ({without} / {base} - 1): "
                              f"{cost['best']:+.1f}% best rounds{median}")
+        for column in ("jaxnn-host", "jaxnn-memmap", "jaxnn-source"):
+            cost = guard_cost(report, column, "jaxnn").get(name)
+            if cost is not None:
+                rounds = ", ".join(f"{1 + c / 100:.2f}" for c in cost["rounds"])
+                median = (f"; median of rounds {1 + cost['median'] / 100:.2f}x, by round "
+                          f"{rounds}" if rounds else "")
+                lines.append(f"  streamed from the host ({column} / jaxnn): "
+                             f"{1 + cost['best'] / 100:.2f}x best rounds{median}")
     lines.append("")
     lines.append("train/s: median steady epoch; samples: per epoch; %peak: of the square "
                  "matmul rate; jaxnn/x > 1: jaxnn faster; start-up: compile and setup;\n"
@@ -645,6 +657,9 @@ def main(argv=None) -> int:
     report["total_seconds"] = time.perf_counter() - started
     report["jaxnn_overhead_percent"] = jaxnn_overhead(report)
     report["guard_cost_percent"] = guard_cost(report)
+    report["streamed_ratio_percent"] = {column: guard_cost(report, column, "jaxnn")
+                                        for column in ("jaxnn-host", "jaxnn-memmap",
+                                                       "jaxnn-source")}
     report["progress_cost_percent"] = {column: guard_cost(report, "jaxnn", column)
                                        for column in ("jaxnn-progress", "jaxnn-progress-tty")}
     peak = report["peak_gflop_per_s"]

@@ -34,6 +34,14 @@ epoch, written to the worker's stdout, a pipe (so plain lines, no redraws); the
 (``JAXNN_BENCH_PROGRESS_TO=pty``, drained by a thread), so the bar is redrawn as
 on a user's terminal. Beside ``jaxnn`` (verbose=0) they give the bar's cost.
 
+The ``jaxnn-host``, ``jaxnn-memmap`` and ``jaxnn-source`` columns
+(``JAXNN_BENCH_FEED``) leave the training data on the host: numpy arrays with
+``fit(..., feed="host")``; the images as an ``np.memmap`` of a temporary ``.npy``
+file; and :class:`ExampleSource`, a random-access source of ``(x, y)`` examples
+over that memmap (``len`` and ``__getitems__``, as tfds's and grain's sources).
+``fit`` streams each to the device in prefetched chunks; beside ``jaxnn`` (the
+dataset on the device) they give the streamed paths' rate as a ratio.
+
 With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) training runs
 ``fit(..., compute_dtype=jnp.bfloat16)`` (mixed precision, float32 master
 weights) and inference ``predict`` on params and inputs cast to bfloat16.
@@ -100,18 +108,59 @@ def _devices() -> int | None:
     return jax.device_count() if jax.device_count() > 1 else None
 
 
+class ExampleSource:
+    """A random-access source of ``(x, y)`` examples over host arrays (a memmap)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices):
+        xs, ys = self.x[indices], self.y[indices]  # one read, then one pair per example
+        return list(zip(xs, ys))
+
+
+@contextlib.contextmanager
+def _feed(x, y):
+    """``(x, y, feed)`` for ``fit`` as ``JAXNN_BENCH_FEED`` asks (see the module doc)."""
+    import tempfile
+
+    import numpy as np
+
+    kind = os.environ.get("JAXNN_BENCH_FEED", "device")
+    if kind in ("device", "host"):
+        yield x, y, (None if kind == "device" else "host")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "x.npy")
+        np.save(path, np.asarray(x))
+        mapped = np.load(path, mmap_mode="r")
+        labels = np.asarray(y)
+        if kind == "memmap":
+            yield mapped, labels, "host"
+        else:
+            yield ExampleSource(mapped, labels), None, None
+        del mapped
+
+
 def _fit(model, params, x, y, spec: ModelSpec, epochs: int, steps_per_call, key,
          compute_dtype=None):
     import jaxnn
 
     verbose = int(os.environ.get("JAXNN_BENCH_VERBOSE", "0"))
-    with _progress_output():
+    with _progress_output(), _feed(x, y) as (x, y, feed):
         return jaxnn.fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
                          optimizer=jaxnn.optimizers.adam(LEARNING_RATE), key=key,
                          epochs=epochs, batch_size=spec.batch, metrics=(),
                          steps_per_call=steps_per_call, verbose=verbose,
                          compute_dtype=compute_dtype, devices=_devices(),
-                         on_nonfinite=os.environ.get("JAXNN_BENCH_ON_NONFINITE", "raise"))
+                         on_nonfinite=os.environ.get("JAXNN_BENCH_ON_NONFINITE", "raise"),
+                         feed=feed)
 
 
 @contextlib.contextmanager
