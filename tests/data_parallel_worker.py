@@ -2,8 +2,10 @@
 
 Trains one small model (Dense, BatchNorm, Dropout) in float64 with ``fit`` on
 one device and over several, and prints one JSON object: the largest
-differences to the single-device run, where the results live, and the
-per-device shape of the batch inside the step.
+differences to the single-device run, where the results live, the per-device
+shape of the batch inside the step, and whether the dataset was ever on a
+device (over several devices fit streams each device its part of each batch
+from the host; with feed="device" every device holds a copy).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/data_parallel_worker.py
 """
@@ -19,6 +21,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxnn  # noqa: E402
+from jaxnn import _sources  # noqa: E402
 from jaxnn.training import fit  # noqa: E402
 
 BATCH = 8
@@ -50,16 +53,35 @@ def main():
             callback=lambda s: batch_rows.append(s.shard_shape(predictions.shape)[0]))
         return jaxnn.losses.sparse_softmax_cross_entropy(predictions, targets, weights=weights)
 
+    dataset_seen = []  # whether an array shaped like x was alive on a device
+
+    def look():
+        dataset_seen.append(any(a.shape == x.shape for a in jax.live_arrays()))
+
+    class Look(jaxnn.callbacks.Callback):
+        def on_epoch_end(self, info):
+            look()
+
+    take_rows = _sources.take_rows
+
+    def reading(*args):  # while training: fit's feeding thread reads the next chunk
+        look()
+        return take_rows(*args)
+
+    _sources.take_rows = reading
+
     def run(**kwargs):
         batch_rows.clear()
+        dataset_seen.clear()
         result = fit(model, params, x, y, state=state, loss=loss, optimizer=optax.adam(1e-2),
                      key=jax.random.key(1), epochs=2, batch_size=BATCH, verbose=0,
-                     validation_data=(x[:20], y[:20]), **kwargs)
+                     validation_data=(x[:20], y[:20]), callbacks=[Look()], **kwargs)
         return result, sorted(set(batch_rows))
 
     reference, reference_rows = run()
     runs = {
         "devices=4": {"devices": 4},
+        "devices=4,feed=device": {"devices": 4, "feed": "device"},
         "devices=2,steps_per_call=2": {"devices": 2, "steps_per_call": 2},
         "devices=[3,1]": {"devices": [jax.devices()[3], jax.devices()[1]]},
     }
@@ -82,12 +104,14 @@ def main():
                                    for leaf in leaves}),
             "fully_replicated": all(leaf.sharding.is_fully_replicated for leaf in leaves),
             "batch_rows": rows,
+            "dataset_on_a_device": any(dataset_seen),
+            "looks": len(dataset_seen),
         }
     errors = {}
     for name, kwargs in {
         "batch_size=6": {"x": x, "y": y, "batch_size": 6},
         "batch_size=64": {"x": x, "y": y, "batch_size": 64},  # capped at the 42 examples
-        "streaming": {"x": [(x[:8], y[:8])], "y": None, "batch_size": 8},
+        "batches of 6": {"x": [(x[:6], y[:6])], "y": None},
     }.items():
         try:
             fit(model, params, state=state, loss=loss, optimizer=optax.adam(1e-2),

@@ -47,9 +47,10 @@ def test_fit_over_4_cpu_devices_equals_single_device_fit():
 
     # Inside the step, one device holds batch / devices rows (8 on one device).
     assert report["reference_batch_rows"][0] == 8
-    expected_rows = {"devices=4": 2, "devices=2,steps_per_call=2": 4, "devices=[3,1]": 4}
-    expected_devices = {"devices=4": [[0, 1, 2, 3]], "devices=2,steps_per_call=2": [[0, 1]],
-                        "devices=[3,1]": [[1, 3]]}
+    expected_rows = {"devices=4": 2, "devices=4,feed=device": 2,
+                     "devices=2,steps_per_call=2": 4, "devices=[3,1]": 4}
+    expected_devices = {"devices=4": [[0, 1, 2, 3]], "devices=4,feed=device": [[0, 1, 2, 3]],
+                        "devices=2,steps_per_call=2": [[0, 1]], "devices=[3,1]": [[1, 3]]}
     for name, rows in expected_rows.items():
         run = report[name]
         # float64: the same training up to the order of float additions
@@ -64,13 +65,17 @@ def test_fit_over_4_cpu_devices_equals_single_device_fit():
         # the training batch split over the devices; validation (20 rows) on one device
         assert run["batch_rows"][0] == rows, (name, run)
         assert all(r in (rows, 20) for r in run["batch_rows"]), (name, run)
+        # streamed from the host, each device receiving its part of each batch; the
+        # dataset is copied to every device only when asked for (feed="device")
+        assert run["dataset_on_a_device"] == (name == "devices=4,feed=device"), (name, run)
+        assert run["looks"] >= 2, (name, run)
     assert report["inputs_alive"]
 
     errors = report["errors"]
     assert "batch_size=6" in errors["batch_size=6"] and "4 devices" in errors["batch_size=6"]
     assert "batch_size=42" in errors["batch_size=64"]
     assert "capped" in errors["batch_size=64"]
-    assert "devices" in errors["streaming"] and "iterable" in errors["streaming"]
+    assert "batch_size=6" in errors["batches of 6"] and "4 devices" in errors["batches of 6"]
 
 
 @pytest.mark.slow
