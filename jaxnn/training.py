@@ -110,14 +110,20 @@ def fit(
         ``params, state = model.init_with_state(key, x[:1])``, then ``state=state``.
       x, y: inputs and targets, leading axis = examples (numpy or JAX arrays, or
         dicts of them), checked first: NaN/inf or labels out of range are errors.
-        With ``y=None``, ``x`` is a list of ``(x_batch, y_batch)`` pairs or a
-        function ``epoch -> iterable of pairs`` (data too large for memory).
+        With ``y=None``, ``x`` is a random-access source (``len(x)``, ``x[i] ->
+        (x_i, y_i)``, e.g. ``jaxnn.datasets.tfds_source``), a list of ``(x_batch,
+        y_batch)`` pairs, or a function ``epoch -> iterable of pairs``.
+      feed: ``"device"``: the arrays put on the device once (the default for
+        arrays); ``"host"``: left on the host and streamed in chunks (the default
+        for memmaps, sources, batches and ``devices=N``).
       loss: a name from :mod:`jaxnn.losses`, a jaxnn loss, or an optax-style loss
         ``(predictions, targets) -> (batch,)``. ``metrics`` take the same forms.
       optimizer: any optax transformation, e.g. ``optax.adam(1e-3)``; made with
         ``optax.inject_hyperparams``, its rate is logged as ``"learning_rate"``.
       key: randomness for shuffling and dropout; epoch ``e`` uses ``fold_in(key, e)``.
       epochs, batch_size: train until epoch ``epochs``; examples per step (32).
+      accumulate: ``k`` to take ``k * batch_size`` examples per optimizer step,
+        ``batch_size`` at a time (gradient accumulation).
       verbose: 1 (default): a progress bar per epoch, moving while the compiled
         epoch runs (plain lines when stdout is not a terminal); 2: one line per
         epoch; 0: silent. ``True``/``False`` mean 1/0.
