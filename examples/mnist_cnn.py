@@ -15,13 +15,12 @@ Shapes through the network (valid convolutions, non-overlapping pools)::
                    -conv-> (N, 11, 11, 64) -pool-> (N, 5, 5, 64) -flatten-> (N, 1600)
                    -dense-> (N, 10)
 
-How batches reach the model (``--feed``): by default the dataset sits on the device
-and ``fit`` runs ``--steps-per-call 4`` optimisation steps per compiled call, written
-out straight-line: on XLA:CPU a convolution step inside a ``lax.scan`` loop ran
-several times slower than the same step outside one, so the whole-epoch scan that
-suits the MLP does not suit a convnet on CPU. Measured on 2 cores (3,840 examples,
-second epoch): 4 steps per call about 2,750 samples/s, 1 step about 2,050,
-``--feed host`` (numpy batches, one jitted step each) about 2,100.
+How batches reach the model (``--feed``): by default the dataset sits on the device;
+``--feed host`` leaves it on the host and ``fit`` streams it in chunks (the path for
+data larger than the device's memory; the same batches, the same result). Either way
+``fit`` runs ``--steps-per-call 4`` optimisation steps per compiled call, written out
+straight-line: on XLA:CPU a convolution step inside a loop ran several times slower
+than the same step outside one (``benchmarks/RESULTS.md``).
 
     python examples/mnist_cnn.py                       # MNIST from the usual sources
     python examples/mnist_cnn.py --data-dir DIR --json # a folder of the four IDX files
@@ -30,7 +29,6 @@ second epoch): 4 steps per call about 2,750 samples/s, 1 step about 2,050,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -50,8 +48,7 @@ import _cli  # noqa: E402
 from mnist_mlp import DEFAULT_LR, OPTIMIZERS, checkpointing, load_data  # noqa: E402
 
 DEFAULT_FEED = "device"
-DEFAULT_STEPS_PER_CALL = 4  # for --feed device (measured fastest, see above)
-_UNSET = object()  # --steps-per-call not given (it must not be given with --feed host)
+DEFAULT_STEPS_PER_CALL = 4  # measured fastest on CPU, see above
 
 
 def steps_per_call_arg(text: str) -> int | str:
@@ -77,20 +74,14 @@ def parse_args(argv=None, *, description=None, epochs=11, batch_size=128, feed=D
     _cli.add_data_flags(parser, epochs=epochs, batch_size=batch_size, optimizers=OPTIMIZERS,
                         default_lr=DEFAULT_LR)
     parser.add_argument("--feed", choices=("host", "device"), default=feed,
-                        help="host: numpy batches, one jitted step each; device: the dataset "
-                        "on the device, --steps-per-call steps per compiled call")
-    parser.add_argument("--steps-per-call", type=steps_per_call_arg, default=_UNSET,
+                        help="device: the dataset put on the device once; host: left on the "
+                        "host and streamed to the device in chunks")
+    parser.add_argument("--steps-per-call", type=steps_per_call_arg, default=steps_per_call,
                         metavar="N|epoch",
-                        help="with --feed device: optimisation steps per compiled call, a "
-                        "positive int or 'epoch' (the whole epoch as one program; default: "
-                        f"{steps_per_call or 'epoch'})")
+                        help="optimisation steps per compiled call, a positive int or 'epoch' "
+                        "(a compiled loop over the epoch's steps)")
     _cli.add_output_flags(parser)
     args = parser.parse_args(argv)
-    if args.steps_per_call is _UNSET:
-        args.steps_per_call = steps_per_call
-    elif args.feed == "host":
-        parser.error("--steps-per-call applies only with --feed device (--feed host runs "
-                     "one step per call)")
     _cli.check_paths(parser, args)
     return args
 
@@ -128,39 +119,6 @@ def build_model(image_side=28):
     ])
 
 
-def host_batches(x, y, batch_size, seed):
-    """``epoch -> iterable of (x_batch, y_batch)``: a fresh shuffle of numpy arrays per epoch.
-
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from a
-    checkpoint sees the same batches as an uninterrupted one.
-    """
-
-    def batches(epoch):
-        order = np.random.default_rng([seed, epoch]).permutation(len(x))
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            yield x[idx], y[idx]
-
-    return batches
-
-
-@contextlib.contextmanager
-def compile_timer():
-    """Yield a list that collects the seconds JAX spends tracing, lowering and compiling
-    programs inside the ``with`` block (from ``jax.monitoring`` events)."""
-    seconds: list[float] = []
-
-    def listener(event, duration, **kwargs):
-        if event.startswith("/jax/core/compile/"):
-            seconds.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seconds
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None)):
     """Fit, evaluate and summarise (shared with the RNN example); returns the summary dict.
 
@@ -189,29 +147,19 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
     params, opt_state, initial_epoch, train_key, callbacks = checkpointing(
         args.checkpoint_dir, params, optimizer, train_key, verbose)
 
-    if args.feed == "host":
-        inputs, targets = host_batches(x_train, y_train, args.batch_size, args.seed), None
-    else:
-        inputs, targets = x_train, y_train
     start = time.perf_counter()
-    with compile_timer() as compiling:
-        result = jaxnn.fit(
-            model, params, inputs, targets,
-            loss=jaxnn.losses.sparse_softmax_cross_entropy,
-            optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
-            opt_state=opt_state, initial_epoch=initial_epoch,
-            penalty=jaxnn.regularizers.l2(args.l2) if args.l2 else None, metrics=["accuracy"],
-            validation_data=None if x_val is None else (x_val, y_val),
-            callbacks=callbacks, steps_per_call=args.steps_per_call, verbose=verbose,
-        )
+    result = jaxnn.fit(
+        model, params, x_train, y_train, feed=args.feed,
+        loss=jaxnn.losses.sparse_softmax_cross_entropy,
+        optimizer=optimizer, key=train_key, epochs=args.epochs, batch_size=args.batch_size,
+        opt_state=opt_state, initial_epoch=initial_epoch,
+        penalty=jaxnn.regularizers.l2(args.l2) if args.l2 else None, metrics=["accuracy"],
+        validation_data=None if x_val is None else (x_val, y_val),
+        callbacks=callbacks, steps_per_call=args.steps_per_call, verbose=verbose,
+    )
     wall = time.perf_counter() - start
     train_seconds = float(sum(result.history.get("seconds", [])))
     compile_seconds = result.compile_seconds
-    if args.feed == "host":
-        # fit compiles this path's step on first use, inside epoch 1's time: count all
-        # compilation during fit instead, and take it out of the training time.
-        compile_seconds = float(sum(compiling))
-        train_seconds = max(train_seconds - compile_seconds, 0.0)
 
     # The test set, once, at the end.
     test = jaxnn.evaluate(model, result.params, x_test, y_test,

@@ -147,7 +147,6 @@ BAD_FLAGS = [
     (CNN, ["--steps-per-call", "0"], "--steps-per-call"),
     (CNN, ["--steps-per-call", "many"], "--steps-per-call"),
     (CNN, ["--feed", "gpu"], "--feed"),
-    (CNN, ["--feed", "host", "--steps-per-call", "8"], "--steps-per-call"),
     (CNN, ["--lr", "nan"], "--lr"),
     (CNN, ["--l2", "-1e-4"], "--l2"),
     (CNN, ["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
