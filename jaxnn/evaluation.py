@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn import _data_checks, _loss_forms, host_memory
+from jaxnn import _data_checks, _loss_forms, _sources, host_memory
 from jaxnn._chunks import _epoch_plan
 from jaxnn._fit_checks import check_arrays, check_data, check_positive_int, check_stateless
 from jaxnn._steps import LossFn, MetricFn, metric_table, take, weighted
@@ -31,7 +31,7 @@ def evaluate(
     model: Layer,
     params: Params,
     x: Any,
-    y: Any,
+    y: Any = None,
     *,
     loss: LossFn,
     state: State | None = None,
@@ -44,15 +44,20 @@ def evaluate(
     Returns ``{"loss": ..., "accuracy": ...}``. The loss includes ``penalty(params)``
     when a penalty is given (as ``fit`` reports it). ``loss`` and ``metrics`` take
     the forms :func:`fit` takes; ``x`` and ``y`` are checked as ``fit`` checks them.
+    A memmap, or a random-access source of ``(x_i, y_i)`` examples as ``x`` with
+    ``y=None``, is read ``batch_size`` examples at a time (see :func:`fit`).
     """
+    metric_fns = metric_table(metrics)
+    loss = _loss_forms.weighted(loss, "loss")
+    if streamed(x, y):
+        return evaluate_streamed(model, params, state, x, y, loss, penalty, metric_fns,
+                                 batch_size)
     n = check_arrays(x, y)
     if state is None:
         check_stateless(model, x, "evaluate")
     state = state or {}
     check_data(model, params, state, x, y)
     batch_size = min(check_positive_int(batch_size, "batch_size"), n)
-    metric_fns = metric_table(metrics)
-    loss = _loss_forms.weighted(loss, "loss")
     host_memory.prepare_cpu()
     return _evaluate_compiled(model, loss, penalty, metric_fns, batch_size)(
         params, state or {}, jnp.asarray(x) if not isinstance(x, dict) else x,
@@ -115,10 +120,17 @@ def predict(
         over the last axis, for models that output logits) or ``"classes"``
         (argmax over the last axis).
 
-    Zero examples give an empty array shaped like the output, ``(0, ...)``.
+    Zero examples give an empty array shaped like the output, ``(0, ...)``. A
+    memmap, or a random-access source of ``(x_i, y_i)`` examples, is read
+    ``batch_size`` examples at a time; the outputs then come back as numpy arrays.
     """
     if output not in ("logits", "probabilities", "classes"):
         raise ValueError(f"output must be 'logits', 'probabilities' or 'classes', got {output!r}")
+    if streamed(x, None):
+        n, first, blocks = _host_blocks(model, params, state, x, None, batch_size, "predict")
+        program = _predict_compiled(model, min(batch_size, n), output)
+        return np.concatenate([np.asarray(program(params, state or {}, xb))
+                               for xb, _ in blocks])
     _data_checks.check_array_tree(x, "x")
     if isinstance(x, dict):
         raise TypeError("predict: x must be one array (a dict of inputs is not supported here)")
@@ -161,3 +173,61 @@ def _predict_compiled(model, batch_size, output):
         return ys.reshape(steps * batch_size, *ys.shape[2:])[:n]
 
     return run
+
+
+def evaluate_streamed(model, params, state, x, y, loss, penalty, metric_fns, batch_size,
+                      where="evaluate") -> dict[str, float]:
+    """:func:`evaluate` of data read from the host block by block (``loss`` and
+    ``metric_fns`` already in their weighted forms)."""
+    n, _, blocks = _host_blocks(model, params, state, x, y, batch_size, where)
+    program = _evaluate_jitted(model, loss, penalty, tuple(metric_fns.items()),
+                               min(batch_size, n))
+    totals = None
+    for xb, yb in blocks:
+        sums = program(params, state or {}, xb, yb)
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    return logs_from_sums(totals, list(metric_fns))
+
+
+def streamed(x, y) -> bool:
+    """Whether ``x`` is read from the host block by block: a random-access source,
+    or arrays held in a memory-mapped file."""
+    if y is None and _sources.is_example_source(x):
+        return True
+    return any(isinstance(a, np.memmap) for a in jax.tree_util.tree_leaves((x, y)))
+
+
+def _host_blocks(model, params, state, x, y, batch_size, where):
+    """``(n, first example, blocks)``: ``blocks`` yields ``(x_block, y_block)`` on the
+    device, ``batch_size`` examples each in order, read ahead on a background thread
+    and checked as they come (NaN/inf, labels)."""
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if y is None and _sources.is_example_source(x):
+        n = len(x)
+        read = functools.partial(_sources.read_source, x)
+        name = "x (a source)"
+    else:
+        n = check_arrays(x, y) if y is not None else np.shape(x)[0]
+        host = jax.tree_util.tree_map(np.asarray, (x, y))
+        read = functools.partial(_sources.take_rows, host)
+        name = "x"
+    if n == 0:
+        raise ValueError(f"{where}: {name} has no examples")
+    first = read(np.arange(1), 1)
+    if state is None:
+        check_stateless(model, first[0], where)
+    state = state or {}
+    scores = _data_checks.class_scores_shape(model, params, state, first[0])
+    labels = _sources.label_check(None if scores is None else scores[-1], name)
+
+    def produce():
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            xb, yb = read(rows, len(rows))
+            _data_checks.check_finite(xb, f"{name}, examples {start}-{rows[-1]}")
+            if yb is not None:
+                labels(yb, rows)
+            yield jax.device_put((xb, yb))
+
+    host_memory.prepare_cpu()
+    return n, first, _sources.prefetched(produce())

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import _data_checks, _loss_forms, _sharding, _sources, host_memory
+from jaxnn import _data_checks, _loss_forms, _sharding, _sources, evaluation, host_memory
 from jaxnn._chunks import (
     ChunkRunner,
     default_steps_per_call,
@@ -54,7 +54,7 @@ from jaxnn._steps import (
 )
 from jaxnn._typing import Array, Params, PRNGKey, State
 from jaxnn.callbacks import Callback, EpochEnd, TrainBegin
-from jaxnn.evaluation import _evaluate_compiled, evaluate, evaluation_sums, predict
+from jaxnn.evaluation import evaluate, evaluation_sums, predict
 from jaxnn.layers._base import Layer
 from jaxnn.results import FitResult, NonFiniteError, TrainingInterrupted
 
@@ -350,18 +350,31 @@ def _step_batch(batch_size: int, accumulate: int, n: int) -> int:
 
 def _validation(model, params, state, validation_data, loss, penalty, metric_fns, batch_size,
                 parallel):
-    """``validate(params, state) -> logs`` for ``validation_data``, or None."""
+    """``validate(params, state) -> logs`` for ``validation_data``, or None. A source
+    of examples, or arrays in a memmap, is read from the host at each validation."""
     if validation_data is None:
         return None
+    if _sources.is_example_source(validation_data):
+        validation_data = (validation_data, None)
     if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-        raise TypeError("validation_data must be a pair (x_val, y_val), got "
-                        f"{type(validation_data).__name__}")
+        raise TypeError("validation_data must be a pair (x_val, y_val) or a source of (x, y) "
+                        f"examples, got {type(validation_data).__name__}")
     x_val, y_val = validation_data
+    first = None if parallel is None else parallel.mesh.devices.flat[0]
+    if evaluation.streamed(x_val, y_val):
+        def validate_streamed(params, state):
+            if first is not None:  # on one device, with its copy of the params
+                params, state = jax.device_put((params, state), first)
+            return evaluation.evaluate_streamed(
+                model, params, state, x_val, y_val, loss, penalty, metric_fns,
+                max(batch_size, 1000), where="validation_data")
+
+        return validate_streamed
     n_val = check_arrays(x_val, y_val, "validation_data[0]", "validation_data[1]")
     check_data(model, params, state, x_val, y_val, "validation_data[0]", "validation_data[1]")
     val_data = jax.tree_util.tree_map(jnp.asarray, (x_val, y_val))
-    validate = _evaluate_compiled(model, loss, penalty, metric_fns,
-                                  min(max(batch_size, 1000), n_val))
+    validate = evaluation._evaluate_compiled(model, loss, penalty, metric_fns,
+                                             min(max(batch_size, 1000), n_val))
     if parallel is not None:  # validation runs on one device, with its copy of params
         validate = parallel.on_first_device(validate)
     return lambda params, state: validate(params, state, *val_data)

@@ -232,3 +232,40 @@ def test_jax_arrays_with_feed_host():
     a = jaxnn.fit(model, params, jnp.asarray(x), jnp.asarray(y), feed="host", **kwargs)
     b = jaxnn.fit(model, params, x, y, **kwargs)
     _assert_identical(a.params, b.params)
+
+
+def test_evaluate_predict_and_validation_read_sources_and_memmaps(tmp_path):
+    # 2,300 examples in blocks of 1,000 (the last of 300): the same numbers as arrays.
+    x, y = _data(2300)
+    model = _mlp()
+    params = model.init(jax.random.key(0), x[:1])
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    expected = jaxnn.evaluate(model, params, x, y, loss=LOSS)
+    assert jaxnn.evaluate(model, params, Examples(x, y), loss=LOSS) == pytest.approx(
+        expected, rel=1e-6)
+    assert jaxnn.evaluate(model, params, mapped, y, loss=LOSS) == pytest.approx(
+        expected, rel=1e-6)
+    logits = np.asarray(jaxnn.predict(model, params, x))
+    np.testing.assert_allclose(jaxnn.predict(model, params, Examples(x, y)), logits,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(jaxnn.predict(model, params, mapped, output="classes"),
+                                  logits.argmax(-1))
+
+    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=1,
+                  batch_size=64, verbose=0)
+    by_arrays = jaxnn.fit(model, params, x[:2000], y[:2000], validation_data=(x[2000:], y[2000:]),
+                          **kwargs)
+    by_source = jaxnn.fit(model, params, x[:2000], y[:2000],
+                          validation_data=Examples(x[2000:], y[2000:]), **kwargs)
+    assert by_source.history["val_loss"] == pytest.approx(by_arrays.history["val_loss"],
+                                                          rel=1e-6)
+
+    bad = y.copy()
+    bad[1500] = -1
+    with pytest.raises(ValueError, match="label -1 at example 1500"):
+        jaxnn.evaluate(model, params, Examples(x, bad), loss=LOSS)
+    broken = x.copy()
+    broken[2100, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        jaxnn.evaluate(model, params, Examples(broken, y), loss=LOSS)
