@@ -70,13 +70,8 @@ def scan_steps(step, carry, data, plan, *, straight_line: bool = False, unroll: 
     return carry, totals
 
 
-# On CPU, a model whose forward pass holds a convolution runs this many steps per
-# compiled call, written out straight-line, unless steps_per_call says otherwise:
-# XLA:CPU runs a convolution step slower inside a rolled loop (even one of one
-# step). On 2 cores, the MNIST CNN trained 2,750 samples/s at 4 steps per call
-# against 2,050 at 1 and about 1/16 of that as a rolled epoch; with the
-# convolution's patch-matrix training path (jaxnn.layers._conv_grad), 8-step
-# epochs took 0.265 s at 4 per call, 0.308 s at 16, 0.402 s at 1 and 0.417 s rolled.
+# On CPU, a model with a convolution runs this many straight-line steps per call by
+# default: XLA:CPU runs a convolution slower inside a loop (RESULTS.md, "steps per call").
 CONV_STEPS_PER_CALL_ON_CPU = 4
 
 
@@ -104,12 +99,8 @@ def default_steps_per_call(model: Layer, params, state, x, batch_size: int) -> i
     return CONV_STEPS_PER_CALL_ON_CPU if _has_convolution(jaxpr.jaxpr) else None
 
 
-# A rolled epoch runs this many steps per loop iteration when a step is small: a
-# dense step of about 2 * batch * parameters FLOPs under _SMALL_STEP_FLOPS. Measured on
-# 2 cores (MNIST MLP 784-64-64-10, batch 32, ~3.5 MFLOP a step), four alternating
-# runs each: 2 steps per iteration trained 7-20% faster than 1 (compile 1.5-1.9 s
-# against 1.0-1.3 s); 4 steps 10-40% faster but compiled in 2.1-2.6 s. At batch
-# 128, and for the row-LSTM, unrolling made no difference and only added compile time.
+# A loop runs this many steps per iteration when a step is small (about 2 * batch *
+# parameters FLOPs under _SMALL_STEP_FLOPS): faster, for more compile time (RESULTS.md).
 _SMALL_STEP_UNROLL = 2
 
 

@@ -163,18 +163,8 @@ def fit(
                            batch_size, parallel)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     host_memory.prepare_cpu()
-    steps = {variant: make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
-                                compute_dtype, guard=variant == "halting", accumulate=accumulate)
-             for variant in ("fast", "halting")}
-    if parallel is not None:
-        steps = {variant: parallel.step(step) for variant, step in steps.items()}
-    steps["halting"] = halting(steps["halting"])
-    runner = ChunkRunner(
-        steps, unroll=epoch_unroll(params, batch_size * accumulate),
-        wait_each_call=parallel is not None and all(
-            d.platform == "cpu" for d in parallel.mesh.devices.flat),
-        replicated=None if parallel is None else parallel.replicated)
-
+    runner = _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
+                     accumulate, parallel, params, batch_size)
 
     def compile_seconds() -> float:
         return runner.compile_seconds + source.compile_seconds
@@ -201,20 +191,13 @@ def fit(
             carry, sums = _run_epoch(runner, source, carry, epoch, epoch_key, display,
                                      first=epoch == initial_epoch)
             sums = jax.device_get(sums)  # waits for the epoch to finish
-            code = 0
-            # Any NaN/inf loss shows in the epoch's sum, any NaN/inf gradient in the
-            # values it updated; only then is the epoch replayed step by step.
-            if on_nonfinite != "ignore" and not (
-                    np.isfinite(sums["loss"]) and bool(all_finite(carry))):
-                (good, (code, step, _)), _ = runner.run(
-                    "halting", (done, no_halt()), source.chunks(epoch, epoch_key))
-                code, step = int(code), int(step)
-                if not code:  # the replay met no NaN/inf: the source gave other batches
-                    good, code, step = done, int(not np.isfinite(sums["loss"])) or 2, -1
-            if code:
-                result = FitResult(*good, history, epoch, key, compile_seconds())
-                return _nonfinite(result, callbacks, on_nonfinite, code, epoch, epochs, step,
-                                  source.steps)
+            if on_nonfinite != "ignore":
+                good, code, step = _find_nonfinite(runner, source, sums, carry, done, epoch,
+                                                   epoch_key)
+                if code:
+                    result = FitResult(*good, history, epoch, key, compile_seconds())
+                    return _nonfinite(result, callbacks, on_nonfinite, code, epoch, epochs,
+                                      step, source.steps)
             logs = _logs(sums, list(metric_fns), carry, validate)
             seconds = time.perf_counter() - start - (compile_seconds() - compiling)
             for name, value in logs.items():
@@ -225,11 +208,7 @@ def fit(
             if verbose:
                 print(f"Epoch {epoch}/{epochs} - {seconds:.2f}s - {_format_logs(logs)}",
                       file=sys.stdout, flush=True)
-            info = EpochEnd(epoch - 1, logs, *carry, key, history)
-            stop = False
-            for callback in callbacks:
-                stop = callback.on_epoch_end(info) or stop
-            if stop:
+            if _stop_asked(callbacks, EpochEnd(epoch - 1, logs, *carry, key, history)):
                 break
     except KeyboardInterrupt:
         completed = {name: values[:epoch - initial_epoch] for name, values in history.items()}
@@ -250,76 +229,68 @@ def fit(
     return result
 
 
+def _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
+            accumulate, parallel, params, batch_size) -> ChunkRunner:
+    """The compiled training programs: a fast step and, to find a NaN/inf, a halting one."""
+    steps = {variant: make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
+                                compute_dtype, guard=variant == "halting", accumulate=accumulate)
+             for variant in ("fast", "halting")}
+    if parallel is not None:
+        steps = {variant: parallel.step(step) for variant, step in steps.items()}
+    steps["halting"] = halting(steps["halting"])
+    return ChunkRunner(
+        steps, unroll=epoch_unroll(params, batch_size * accumulate),
+        wait_each_call=parallel is not None and all(
+            d.platform == "cpu" for d in parallel.mesh.devices.flat),
+        replicated=None if parallel is None else parallel.replicated)
+
+
+def _find_nonfinite(runner, source, sums, carry, start, epoch, epoch_key):
+    """``(last good carry, code, step)`` of an epoch run from ``start`` to ``carry``; code
+    0 when all was finite. Any NaN/inf loss shows in the epoch's summed loss, any NaN/inf
+    gradient in the values it updated; only then is the epoch replayed step by step."""
+    if np.isfinite(sums["loss"]) and bool(all_finite(carry)):
+        return carry, 0, 0
+    (good, (code, step, _)), _ = runner.run("halting", (start, no_halt()),
+                                            source.chunks(epoch, epoch_key))
+    if not int(code):  # the replay met no NaN/inf: the source gave other batches
+        return start, int(not np.isfinite(sums["loss"])) or 2, -1
+    return good, int(code), int(step)
+
+
+def _stop_asked(callbacks, info: EpochEnd) -> bool:
+    """Every callback sees the epoch's end; True when any asks to stop."""
+    stop = False
+    for callback in callbacks:
+        stop = callback.on_epoch_end(info) or stop
+    return stop
+
+
 def _source(model, params, state, state_given, x, y, *, feed, batch_size, accumulate, shuffle,
             steps_per_call, validation_split, validation_data, parallel, progress):
     """The data source of a ``fit`` call (checked), and its validation data."""
-    def straight_line_steps(xb, size):
-        """Steps per straight-line program, or None for a loop (see _chunks)."""
-        if steps_per_call is None:
-            return default_steps_per_call(model, params, state, xb, size)
-        return steps_per_call or None  # 0: "epoch", one loop
-
-    if y is None and not _sources.is_example_source(x):  # an iterable of batches
+    straight_line_steps = functools.partial(_straight_line_steps, model, params, state,
+                                            steps_per_call)
+    if y is None:
+        what = "a source" if _sources.is_example_source(x) else "batches given as an iterable"
         if feed == "device":
-            raise ValueError("feed='device' needs in-memory arrays (x, y); batches given as "
-                             "an iterable (y=None) are copied from the host in chunks")
+            raise ValueError(f"feed='device' needs in-memory arrays (x, y); {what} (y=None) "
+                             "is read on the host and copied in chunks")
         if validation_split:
-            raise ValueError("validation_split needs in-memory arrays (x, y); with batches "
+            raise ValueError(f"validation_split needs in-memory arrays (x, y); with {what} "
                              "(y=None) pass validation_data=(x_val, y_val) instead")
-        if not callable(x) and iter(x) is x:
-            raise TypeError("x is a one-shot iterator; pass a list of batches or a function "
-                            "epoch -> iterable of (x_batch, y_batch) so each epoch can restart")
-
-        def configure(xb, size):
-            """At the first batch: steps per straight-line program, and the label check."""
-            if size % accumulate:
-                raise ValueError(f"accumulate={accumulate}: each batch is split into "
-                                 f"{accumulate} micro-batches, but the first batch has {size} "
-                                 f"examples; give batches of a multiple of {accumulate}")
-            scores = _data_checks.class_scores_shape(model, params, state, xb)
-            return straight_line_steps(xb, size), _sources.label_check(
-                None if scores is None else scores[-1], "x (batches)")
-
-        return _sources.BatchStream(x if callable(x) else (lambda epoch: x), configure,
-                                    parallel), validation_data
-
-    if y is None:  # a random-access source of examples
-        if feed == "device":
-            raise ValueError("feed='device' needs in-memory arrays (x, y); a source's "
-                             "examples are read on the host and copied in chunks")
-        if validation_split:
-            raise ValueError("validation_split needs in-memory arrays (x, y); with a source "
-                             "pass validation_data=(x_val, y_val) instead")
-        n = len(x)
-        if n == 0:
-            raise ValueError("x (a source) has no examples: len(x) is 0")
-        first = _sources.read_source(x, np.arange(1), name="x")
-        check_arrays(*first, "x[0] (a source's example)", "its label")
-        if not state_given:
-            check_stateless(model, first[0])
-        read = functools.partial(_sources.read_source, x)
-        scores = _data_checks.class_scores_shape(model, params, state, first[0])
-        labels = _sources.label_check(None if scores is None else scores[-1], "x (a source)")
-        example = first
-    else:  # arrays
-        n = check_arrays(x, y)
-        if not state_given:
-            check_stateless(model, x)
-        check_data(model, params, state, x, y)
-        if validation_split:
-            n_val = int(n * validation_split)
-            if n_val == 0 or n_val == n:
-                raise ValueError(f"validation_split={validation_split} of {n} examples leaves "
-                                 f"{n_val} for validation; choose a fraction that leaves both "
-                                 "sides")
-            validation_data = (slice_examples(x, n - n_val, n), slice_examples(y, n - n_val, n))
-            x, y = slice_examples(x, 0, n - n_val), slice_examples(y, 0, n - n_val)
-            n -= n_val
-        memmapped = any(isinstance(a, np.memmap) for a in jax.tree_util.tree_leaves((x, y)))
-        if feed is None:
+        if not _sources.is_example_source(x):
+            return _batch_stream(model, params, state, x, accumulate, straight_line_steps,
+                                 parallel), validation_data
+        n, read, example, labels = _example_source(model, params, state, state_given, x)
+    else:
+        x, y, n, held_out = _arrays(model, params, state, state_given, x, y, validation_split)
+        validation_data = validation_data if held_out is None else held_out
+        if feed is None:  # memmaps and several devices: no copy of the dataset on a device
+            memmapped = any(isinstance(a, np.memmap) for a in jax.tree_util.tree_leaves((x, y)))
             feed = "host" if memmapped or parallel is not None else "device"
-        example = slice_examples((x, y), 0, 1)
-        labels = None
+        example, labels = slice_examples((x, y), 0, 1), None
+        read = functools.partial(_sources.take_rows, jax.tree_util.tree_map(np.asarray, (x, y)))
     step_batch = _step_batch(batch_size, accumulate, n)
     if parallel is not None:
         _sharding.check_batch_size(step_batch, parallel.size, n)
@@ -329,12 +300,66 @@ def _source(model, params, state, state_given, x, y, *, feed, batch_size, accumu
         chunk = straight or (math.ceil(steps / PROGRESS_UPDATES) if progress else steps)
         return _sources.ResidentArrays(x, y, step_batch, shuffle, chunk, straight is not None,
                                        parallel), validation_data
-    if y is not None:
-        host = jax.tree_util.tree_map(np.asarray, (x, y))
-        read = functools.partial(_sources.take_rows, host)
     example_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(example))
     return _sources.HostExamples(read, n, example_bytes, step_batch, shuffle, straight,
                                  parallel, labels), validation_data
+
+
+def _straight_line_steps(model, params, state, steps_per_call, xb, size) -> int | None:
+    """Steps per straight-line program, or None for a loop (see jaxnn._chunks)."""
+    if steps_per_call is None:
+        return default_steps_per_call(model, params, state, xb, size)
+    return steps_per_call or None  # 0: "epoch", a loop
+
+
+def _batch_stream(model, params, state, x, accumulate, straight_line_steps, parallel):
+    """An iterable of batches (or a function epoch -> iterable) as a source."""
+    if not callable(x) and iter(x) is x:
+        raise TypeError("x is a one-shot iterator; pass a list of batches or a function "
+                        "epoch -> iterable of (x_batch, y_batch) so each epoch can restart")
+
+    def configure(xb, size):
+        """At the first batch: steps per straight-line program, and the label check."""
+        if size % accumulate:
+            raise ValueError(f"accumulate={accumulate}: each batch is split into {accumulate} "
+                             f"micro-batches, but the first batch has {size} examples; give "
+                             f"batches of a multiple of {accumulate}")
+        scores = _data_checks.class_scores_shape(model, params, state, xb)
+        return straight_line_steps(xb, size), _sources.label_check(
+            None if scores is None else scores[-1], "x (batches)")
+
+    return _sources.BatchStream(x if callable(x) else (lambda epoch: x), configure, parallel)
+
+
+def _example_source(model, params, state, state_given, x):
+    """``(n, read, first example, label check)`` of a random-access source."""
+    n = len(x)
+    if n == 0:
+        raise ValueError("x (a source) has no examples: len(x) is 0")
+    first = _sources.read_source(x, np.arange(1), name="x")
+    check_arrays(*first, "x[0] (a source's example)", "its label")
+    if not state_given:
+        check_stateless(model, first[0])
+    scores = _data_checks.class_scores_shape(model, params, state, first[0])
+    labels = _sources.label_check(None if scores is None else scores[-1], "x (a source)")
+    return n, functools.partial(_sources.read_source, x), first, labels
+
+
+def _arrays(model, params, state, state_given, x, y, validation_split):
+    """``(x, y, n, validation_data)`` of in-memory arrays, checked, with the last
+    ``validation_split`` of them held out."""
+    n = check_arrays(x, y)
+    if not state_given:
+        check_stateless(model, x)
+    check_data(model, params, state, x, y)
+    if not validation_split:
+        return x, y, n, None
+    n_val = int(n * validation_split)
+    if n_val == 0 or n_val == n:
+        raise ValueError(f"validation_split={validation_split} of {n} examples leaves {n_val} "
+                         "for validation; choose a fraction that leaves both sides")
+    held_out = (slice_examples(x, n - n_val, n), slice_examples(y, n - n_val, n))
+    return slice_examples(x, 0, n - n_val), slice_examples(y, 0, n - n_val), n - n_val, held_out
 
 
 def _step_batch(batch_size: int, accumulate: int, n: int) -> int:
