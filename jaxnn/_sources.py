@@ -139,24 +139,47 @@ class ResidentArrays:
                         count if self.straight_line else None)
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data starts on an ``align``-byte boundary: on CPU,
+    ``jax.device_put`` then uses the buffer as it is (a copy otherwise; numpy's own
+    allocations are 16-byte aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def take_rows(tree, rows, size: int):
     """The examples ``rows`` of host arrays, in new arrays of ``size >= len(rows)`` rows
     (the rest zeros). One copy: ``jax.device_put`` then takes the arrays without
     copying them again (on CPU, where the buffers are aligned)."""
 
     def take(a):
-        out = np.empty((size, *a.shape[1:]), a.dtype)
-        np.take(a, rows, axis=0, out=out[:len(rows)])  # faster than a[rows] with out=
+        out = aligned_empty((size, *a.shape[1:]), a.dtype)
+        # mode="clip": the rows are in range, and "raise" would copy through a buffer
+        np.take(a, rows, axis=0, out=out[:len(rows)], mode="clip")
         out[len(rows):] = 0
         return out
 
     return jax.tree_util.tree_map(take, tree)
 
 
-def _stack(items):
+def _stack(items, size: int | None = None):
+    """``items`` stacked on a new leading axis, in aligned arrays of ``size`` rows
+    (the rest zeros; default ``len(items)``)."""
+    size = len(items) if size is None else size
+
+    def stack(*leaves):
+        first = np.asarray(leaves[0])
+        out = aligned_empty((size, *first.shape), first.dtype)
+        np.stack(leaves, out=out[:len(leaves)])
+        out[len(leaves):] = 0
+        return out
+
     if isinstance(items[0], np.ndarray | np.generic | int | float):
-        return np.stack(items)
-    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *items)
+        return stack(*items)
+    return jax.tree_util.tree_map(stack, *items)
 
 
 def read_source(source, rows: np.ndarray, size: int | None = None, name: str = "x"):
@@ -172,12 +195,7 @@ def read_source(source, rows: np.ndarray, size: int | None = None, name: str = "
                         f"got {type(first).__name__} for item {int(rows[0])}; map the source, "
                         f"e.g. with jaxnn.datasets.tfds_source, or wrap it in a class whose "
                         f"__getitem__ returns (x, y)")
-    pair = _stack([item[0] for item in items]), _stack([item[1] for item in items])
-    if size is None or size == len(rows):
-        return pair
-    return jax.tree_util.tree_map(
-        lambda a: np.concatenate([a, np.zeros((size - len(rows), *a.shape[1:]), a.dtype)]),
-        pair)
+    return _stack([item[0] for item in items], size), _stack([item[1] for item in items], size)
 
 
 def label_check(classes: int | None, name: str):
@@ -323,10 +341,9 @@ class BatchStream:
 
     def _chunk(self, batches, key, start):
         count = len(batches)
-        xs, ys, ws = (_stack([b[i] for b in batches]) for i in range(3))
         straight = self.straight_line_steps is not None
         size = count if straight else self.chunk
-        xs, ys, ws = _pad_steps((xs, ys, ws), size)
+        xs, ys, ws = (_stack([b[i] for b in batches], size) for i in range(3))
         args = self.placement.put(xs, ys, ws, self._keys(key, start, size))
         return Chunk("stacked", args, count, count if straight else None)
 
