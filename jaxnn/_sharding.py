@@ -6,6 +6,10 @@ axis over the mesh axis ``"data"``. The training program itself is unchanged:
 XLA's SPMD partitioner splits the forward and backward passes by the batch and
 inserts the all-reduce that sums the gradient over the devices, so the result
 is the single-device result up to the order of float additions.
+
+In a run of several processes (after ``jax.distributed.initialize``) the mesh
+spans the devices of every process, each process's devices side by side, and
+each process holds its own columns of every batch (:meth:`DataParallel.columns`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,32 @@ class DataParallel(NamedTuple):
     def size(self) -> int:
         return self.mesh.size
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether the mesh holds devices of more than one process."""
+        return len({d.process_index for d in self.mesh.devices.flat}) > 1
+
+    def columns(self, batch_size: int) -> slice:
+        """The examples of each batch that this process's devices hold: all of them
+        in one process; over several, the part at its devices' place in the mesh
+        (``[p * B / P, (p + 1) * B / P)`` for ``P`` processes of equal device counts)."""
+        places = [i for i, d in enumerate(self.mesh.devices.flat)
+                  if d.process_index == jax.process_index()]
+        per_device = batch_size // self.size
+        return slice(places[0] * per_device, (places[-1] + 1) * per_device)
+
+    def local_copy(self, tree: Any) -> Any:
+        """A copy of replicated ``tree`` on one device of this process (the mesh's
+        first there): over several processes, each process's own copy."""
+        here = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+
+        def local(a):
+            if isinstance(a, jax.Array) and not a.is_fully_addressable:
+                a = a.addressable_data(0)  # replicated: this shard is the whole value
+            return jax.device_put(a, here[0])
+
+        return jax.tree_util.tree_map(local, tree)
+
     def put(self, tree: Any) -> Any:
         """``tree`` copied onto every device of the mesh (a no-op for arrays already there)."""
         return jax.device_put(tree, self.replicated)
@@ -59,36 +89,48 @@ class DataParallel(NamedTuple):
         return sharded_step
 
     def on_first_device(self, fn: Callable) -> Callable:
-        """``fn`` called with its array arguments taken to the mesh's first device
-        (its own copy of replicated values), so it runs there alone."""
-        first = self.mesh.devices.flat[0]
-        return lambda *args: fn(*jax.device_put(args, first))
+        """``fn`` called with its array arguments taken to the mesh's first device in
+        this process (its own copy of replicated values), so it runs there alone."""
+        return lambda *args: fn(*self.local_copy(args))
 
 
-def data_parallel(devices: int | Sequence[jax.Device] | None) -> DataParallel | None:
+def data_parallel(devices: int | str | Sequence[jax.Device] | None) -> DataParallel | None:
     """The mesh for ``fit(devices=...)``, or None for the plain single-device path.
 
-    ``None`` and ``1`` mean the default device (no sharding at all); an integer
-    ``N`` means the first ``N`` of ``jax.devices()``; a sequence means those
-    devices, in that order (a sequence holding just ``jax.devices()[0]`` is the
-    plain path too).
+    ``None`` and ``1`` mean the default device (no sharding at all); ``"all"``
+    every device (of every process); an integer ``N`` the first ``N`` of
+    ``jax.devices()``; a sequence those devices, in that order (a sequence
+    holding just ``jax.devices()[0]`` is the plain path too).
+
+    In a run of several processes the mesh must span all of them: ``"all"``,
+    ``N = jax.device_count()`` or a sequence holding devices of every process
+    (each process's side by side, the same sequence in every process).
     """
+    processes = jax.process_count()
     if devices is None:
+        if processes > 1:
+            raise ValueError(_several_processes("devices=None"))
         return None
     available = jax.devices()
-    if isinstance(devices, int | np.integer) and not isinstance(devices, bool):
+    if isinstance(devices, str) and devices == "all":
+        if len(available) == 1:
+            return None
+        chosen = _by_process(available)
+    elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
         count = int(devices)
         if count < 1:
-            raise ValueError(f"devices must be a positive integer, a sequence of jax devices "
-                             f"or None, got {devices!r}")
+            raise ValueError(f"devices must be a positive integer, a sequence of jax devices, "
+                             f"'all' or None, got {devices!r}")
         if count > len(available):
             raise ValueError(
                 f"devices={count} but only {len(available)} device(s) available "
                 f"({', '.join(str(d) for d in available)}); {_FORCE_HINT}"
             )
+        if processes > 1 and count != len(available):
+            raise ValueError(_several_processes(f"devices={count}"))
         if count == 1:
             return None
-        chosen = list(available[:count])
+        chosen = _by_process(available[:count])
     elif isinstance(devices, Sequence) and not isinstance(devices, str | bytes):
         chosen = list(devices)
         if not chosen:
@@ -101,14 +143,44 @@ def data_parallel(devices: int | Sequence[jax.Device] | None) -> DataParallel | 
                                 f"{type(device).__name__}")
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"devices lists a device more than once: {chosen}")
-        if chosen == [available[0]]:
+        if processes > 1:
+            _check_spans_processes(chosen, processes)
+        elif chosen == [available[0]]:
             return None
     else:
-        raise TypeError(f"devices must be None, a positive integer or a sequence of jax "
-                        f"devices, got {devices!r}")
+        raise TypeError(f"devices must be None, a positive integer, 'all' or a sequence of "
+                        f"jax devices, got {devices!r}")
     mesh = Mesh(np.array(chosen, dtype=object), (DATA_AXIS,))
     return DataParallel(mesh, NamedSharding(mesh, PartitionSpec()),
                         NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def _several_processes(given: str) -> str:
+    return (f"{given} in a run of {jax.process_count()} processes (this is process "
+            f"{jax.process_index()}, after jax.distributed.initialize): every process trains "
+            f"the same model, so fit's devices must span them all; pass devices='all' (the "
+            f"{jax.device_count()} devices of all processes)")
+
+
+def _by_process(devices: Sequence[jax.Device]) -> list[jax.Device]:
+    """``devices`` with each process's side by side (in their order within a process),
+    so that each process holds one contiguous part of every batch."""
+    return sorted(devices, key=lambda d: d.process_index)
+
+
+def _check_spans_processes(devices: Sequence[jax.Device], processes: int) -> None:
+    """Raise unless ``devices`` hold devices of every process, each process's side by side."""
+    order = [d.process_index for d in devices]
+    missing = sorted(set(range(processes)) - set(order))
+    if missing:
+        raise ValueError(f"devices holds no device of process(es) {missing}; in a run of "
+                         f"{processes} processes every process takes part (devices='all' "
+                         f"takes every device)")
+    runs = [p for i, p in enumerate(order) if i == 0 or p != order[i - 1]]
+    if len(runs) != len(set(runs)):
+        raise ValueError(f"devices interleaves processes (process of each device: {order}); "
+                         f"list each process's devices side by side, each process then holds "
+                         f"one contiguous part of every batch")
 
 
 def check_batch_size(batch_size: int, count: int, n: int) -> None:

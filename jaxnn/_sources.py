@@ -66,16 +66,27 @@ def _key_struct(key):
 
 
 class _Placement:
-    """Where chunks go: the default device, or split by their batch axis over a mesh."""
+    """Where chunks go: the default device, or split by their batch axis over a mesh.
 
-    def __init__(self, parallel: _sharding.DataParallel | None):
-        self.parallel = parallel
+    Over the devices of several processes each process holds only its columns of
+    every batch (``parallel.columns``); the chunk is assembled from every
+    process's part, and ``batch_size`` is then the whole batch's size.
+    """
+
+    def __init__(self, parallel: _sharding.DataParallel | None, batch_size: int | None = None):
+        self.parallel, self.batch_size = parallel, batch_size
         if parallel is not None:
             self.stacked = NamedSharding(parallel.mesh, PartitionSpec(None, _sharding.DATA_AXIS))
 
     def put(self, xs, ys, weights, keys):
         if self.parallel is None:
             return jax.device_put((xs, ys, weights)) + (keys,)
+        if self.parallel.spans_processes:  # the step keys are replicated already
+            def whole(a):
+                shape = (a.shape[0], self.batch_size, *a.shape[2:])
+                return jax.make_array_from_process_local_data(self.stacked, a, shape)
+
+            return jax.tree_util.tree_map(whole, (xs, ys, weights)) + (keys,)
         # Each device receives only its part of every batch.
         return jax.device_put((xs, ys, weights), self.stacked) + (
             jax.device_put(keys, self.parallel.replicated),)
@@ -230,7 +241,8 @@ def _pad_steps(tree, steps: int):
 class HostExamples:
     """Examples on the host, read a chunk at a time by the epoch's plan and copied
     to the device ahead of use. ``read(rows) -> (xb, yb)`` gives the examples
-    ``rows`` (an array of indices) as numpy arrays."""
+    ``rows`` (an array of indices) as numpy arrays. Over several processes each
+    reads only its own columns of every batch."""
 
     def __init__(self, read: Callable, n: int, example_bytes: int, batch_size: int,
                  shuffle: bool, straight_line_steps: int | None, parallel=None,
@@ -242,21 +254,24 @@ class HostExamples:
                       else chunk_steps_for(example_bytes * batch_size, steps))
         self.plans = _Plans(n, batch_size, shuffle, self.chunk, parallel)
         self.steps = self.plans.steps
-        self.placement = _Placement(parallel)
+        self.placement = _Placement(parallel, batch_size)
+        self.columns = slice(None) if parallel is None else parallel.columns(batch_size)
         self.check_labels = check_labels
 
     def _produce(self, key) -> Iterator[Chunk]:
         idx, weights, keys = self.plans.plan(key)
-        idx, weights = np.asarray(idx), np.asarray(weights)
+        # this process's columns of every batch (all of them in a single process)
+        idx, weights = np.asarray(idx)[:, self.columns], np.asarray(weights)[:, self.columns]
+        batch = idx.shape[1]
         for start in range(0, self.steps, self.chunk):
             count = min(self.chunk, self.steps - start)
             size = count if self.straight_line else self.chunk  # steps in the program
             rows = idx[start:start + count].reshape(-1)
-            xb, yb = self.read(rows, size * self.batch_size)
+            xb, yb = self.read(rows, size * batch)
             if self.check_labels is not None:
                 self.check_labels(yb, rows)
             xs, ys = jax.tree_util.tree_map(
-                lambda a, size=size: a.reshape(size, self.batch_size, *a.shape[1:]), (xb, yb))
+                lambda a, size=size: a.reshape(size, batch, *a.shape[1:]), (xb, yb))
             ws = _pad_steps(weights[start:start + count], size)
             args = self.placement.put(xs, ys, ws, self.plans.keys_of_chunk(keys, start, size))
             yield Chunk("stacked", args, count, count if self.straight_line else None)

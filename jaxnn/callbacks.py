@@ -80,6 +80,13 @@ def _copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
+def _writes_files() -> bool:
+    """Whether this process writes logs and checkpoints: the only process, or process
+    0 of several (after ``jax.distributed.initialize``; every process has the same
+    logs and replicated params, so one writes for all)."""
+    return jax.process_index() == 0
+
+
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
@@ -151,7 +158,8 @@ class ModelCheckpoint(Callback):
     runs. An epoch whose params, state or optimizer state hold NaN or inf is
     not saved (a ``RuntimeWarning`` names it), so the last good checkpoint is
     never rotated out. On Ctrl-C the last completed epoch is saved if it is not
-    on disk yet.
+    on disk yet. Over several processes, process 0 writes (every process checks
+    the folder before training).
 
     Args:
       directory: the run's folder.
@@ -172,6 +180,8 @@ class ModelCheckpoint(Callback):
             self._checked = True
 
     def _save(self, params, state, opt_state, epoch, key, history) -> None:
+        if not _writes_files():
+            return
         self.manager.save(params=params, state=state, opt_state=opt_state, epoch=epoch,
                           key=key, metadata={"history": history})
 
@@ -224,7 +234,8 @@ class CSVLogger(Callback):
     epochs this run writes again (those after its ``initial_epoch``, written
     after the checkpoint it resumes from) are dropped when its first row is
     written, so the file keeps one row per epoch and matches the resumed
-    history. A missing or empty file is started with a header.
+    history. A missing or empty file is started with a header. Over several
+    processes, process 0 writes.
 
     Args:
       path: the CSV file; its folder is created if needed.
@@ -251,6 +262,8 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, info: TrainBegin | None = None) -> None:
         self.columns = None
+        if not _writes_files():
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.append:
             self.path.write_text("")  # a fresh file now, not rows of an older run
@@ -265,6 +278,8 @@ class CSVLogger(Callback):
             os.replace(tmp, self.path)
 
     def on_epoch_end(self, info: EpochEnd) -> bool:
+        if not _writes_files():
+            return False
         row = {"epoch": info.epoch + 1, **_epoch_row(info)}
         header: list[str] | None = None
         mode = "a"
@@ -326,7 +341,8 @@ class TensorBoard(Callback):
     ``val_loss`` as two runs on one chart. The step is the epoch count from 1
     (as the console's ``Epoch 3/10``); ``seconds`` (the epoch's training time)
     is written too. Scalars are stored as float32. Each epoch is flushed, so a
-    crash keeps what was written. View with ``tensorboard --logdir LOGDIR``.
+    crash keeps what was written. View with ``tensorboard --logdir LOGDIR``. Over
+    several processes, process 0 writes.
 
     Needs tensorboardX (``pip install 'jaxnn[tensorboard]'``) or PyTorch's
     writer with ``tensorboard`` installed; without either, constructing this
@@ -350,6 +366,8 @@ class TensorBoard(Callback):
         self._close()
 
     def on_epoch_end(self, info: EpochEnd) -> bool:
+        if not _writes_files():
+            return False
         step = info.epoch + 1
         for name, value in _epoch_row(info).items():
             run, tag = ("validation", name[4:]) if name.startswith("val_") else ("train", name)

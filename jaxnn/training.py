@@ -91,7 +91,7 @@ def fit(
     verbose: int = 1,
     value_and_grad: ValueAndGradFn | None = None,
     compute_dtype: jnp.dtype | None = None,
-    devices: int | Sequence[jax.Device] | None = None,
+    devices: int | str | Sequence[jax.Device] | None = None,
     on_nonfinite: str = "raise",
     feed: str | None = None,
     accumulate: int = 1,
@@ -136,7 +136,8 @@ def fit(
         or inf loss or gradient, naming the step; ``"warn"``; ``"ignore"``.
       shuffle, steps_per_call, value_and_grad, compute_dtype, devices: reshuffling,
         steps per compiled call, a custom gradient, mixed precision (``jnp.bfloat16``)
-        and data parallelism: see ``docs/training.md``.
+        and data parallelism (``devices="all"``: every device, of every process after
+        ``jax.distributed.initialize``): see ``docs/training.md``.
 
     Ctrl-C raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``); its
     ``.result`` holds the last completed epoch, to resume from.
@@ -148,12 +149,14 @@ def fit(
         compute_dtype=compute_dtype, optimizer=optimizer, key=key, params=params,
         on_nonfinite=on_nonfinite, feed=feed, accumulate=accumulate)
     verbose = check_verbose(verbose)
+    parallel = _sharding.data_parallel(devices)
+    if parallel is not None and parallel.spans_processes and jax.process_index() != 0:
+        verbose = 0  # over several processes, process 0 prints
     loss = _loss_forms.weighted(loss, "loss")
     metric_fns = metric_table(metrics)
     state_given = state is not None
     state = {} if state is None else state
     callbacks = list(callbacks)
-    parallel = None if devices is None else _sharding.data_parallel(devices)
     source, validation_data = _source(
         model, params, state, state_given, x, y, feed=feed, batch_size=batch_size,
         accumulate=accumulate, shuffle=shuffle, steps_per_call=steps_per_call,
@@ -280,6 +283,12 @@ def _source(model, params, state, state_given, x, y, *, feed, batch_size, accumu
             raise ValueError(f"validation_split needs in-memory arrays (x, y); with {what} "
                              "(y=None) pass validation_data=(x_val, y_val) instead")
         if not _sources.is_example_source(x):
+            if parallel is not None and parallel.spans_processes:
+                raise ValueError(
+                    "fit over several processes: batches given as an iterable (y=None) are "
+                    "not split between the processes; pass arrays (x, y) or a random-access "
+                    "source (len(x), x[i] -> (x_i, y_i)), the same in every process, and "
+                    "each process reads its part of every batch")
             return _batch_stream(model, params, state, x, accumulate, straight_line_steps,
                                  parallel), validation_data
         n, read, example, labels = _example_source(model, params, state, state_given, x)
@@ -385,11 +394,10 @@ def _validation(model, params, state, validation_data, loss, penalty, metric_fns
         raise TypeError("validation_data must be a pair (x_val, y_val) or a source of (x, y) "
                         f"examples, got {type(validation_data).__name__}")
     x_val, y_val = validation_data
-    first = None if parallel is None else parallel.mesh.devices.flat[0]
     if evaluation.streamed(x_val, y_val):
         def validate_streamed(params, state):
-            if first is not None:  # on one device, with its copy of the params
-                params, state = jax.device_put((params, state), first)
+            if parallel is not None:  # on one device, with its copy of the params
+                params, state = parallel.local_copy((params, state))
             return evaluation.evaluate_streamed(
                 model, params, state, x_val, y_val, loss, penalty, metric_fns,
                 max(batch_size, 1000), where="validation_data")
@@ -401,7 +409,7 @@ def _validation(model, params, state, validation_data, loss, penalty, metric_fns
     validate = evaluation._evaluate_compiled(model, loss, penalty, metric_fns,
                                              min(max(batch_size, 1000), n_val))
     if parallel is not None:  # validation runs on one device, with its copy of params
-        validate = parallel.on_first_device(validate)
+        validate = parallel.on_first_device(validate)  # (in each process: the same logs)
     return lambda params, state: validate(params, state, *val_data)
 
 
