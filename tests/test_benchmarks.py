@@ -143,12 +143,17 @@ def test_quick_run_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--json", str(out),
-         "--frameworks", "jaxnn,jax,jax-scan"],
+         "--frameworks", "jaxnn,jaxnn-source,jax,jax-scan"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["frameworks"]) == {"jaxnn", "jax", "jax-scan"}
+    assert set(report["frameworks"]) == {"jaxnn", "jaxnn-source", "jax", "jax-scan"}
+    # the streamed column (a source over a memmap) as a ratio of the device-resident one
+    streamed = report["streamed_ratio_percent"]["jaxnn-source"]
+    assert set(streamed) == set(bench_common.MODELS)
+    assert all(v["best"] > -100 for v in streamed.values()), streamed
+    assert "streamed from the host (jaxnn-source / jaxnn)" in proc.stdout
     overhead = report["jaxnn_overhead_percent"]
     assert set(overhead) == set(bench_common.MODELS)
     assert all(isinstance(v, float) and v > -100 for v in overhead.values()), overhead
