@@ -184,7 +184,11 @@ def _stack(items, size: int | None = None):
     def stack(*leaves):
         first = np.asarray(leaves[0])
         out = aligned_empty((size, *first.shape), first.dtype)
-        np.stack(leaves, out=out[:len(leaves)])
+        if first.ndim == 0:  # scalars (labels): numpy converts the list in one pass
+            out[:len(leaves)] = np.asarray(leaves, first.dtype)
+        else:  # one concatenation into the output, faster than np.stack's per-item views
+            np.concatenate(leaves, axis=0,
+                           out=out[:len(leaves)].reshape(-1, *first.shape[1:]))
         out[len(leaves):] = 0
         return out
 
