@@ -37,9 +37,11 @@ def test_each_member_equals_fit_alone(x64, shared_key):
         validation_data=(x, y), verbose=0,
     )
     assert len(result.history["loss"]) == 2 and len(result.history["loss"][0]) == K
-    # Every member against fit alone with its own key; with the shared key (the same code
-    # path, the key broadcast) the last member, whose lr and l2 both differ from the first's.
-    for k in range(K) if not shared_key else [K - 1]:
+    # Members against fit alone (each a program of its own: lr and l2 are constants in it).
+    # With a key each, the first and the last (a member mixed up with another, or the
+    # population axis reversed, shows in one of them); with the shared key (the same code
+    # path, the key broadcast) the last, whose lr and l2 both differ from the first's.
+    for k in [0, K - 1] if not shared_key else [K - 1]:
         alone = jaxnn.fit(
             model, model.init(init_keys[k], x[:1]), x, y,
             loss=jaxnn.losses.sparse_softmax_cross_entropy,
