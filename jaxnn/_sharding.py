@@ -1,8 +1,9 @@
 """Data parallelism for ``fit``: a 1-D device mesh and its two shardings.
 
 The model's parameters, state and optimizer state are replicated on every
-device of the mesh; each step's batch is split along its leading (example)
-axis over the mesh axis ``"data"``. The training program itself is unchanged:
+device of the mesh (or split over them: :mod:`jaxnn._param_sharding`); each
+step's batch is split along its leading (example) axis over the mesh axis
+``"data"``. The training program itself is unchanged:
 XLA's SPMD partitioner splits the forward and backward passes by the batch and
 inserts the all-reduce that sums the gradient over the devices, so the result
 is the single-device result up to the order of float additions.
@@ -61,9 +62,16 @@ class DataParallel(NamedTuple):
         return slice(places[0] * per_device, (places[-1] + 1) * per_device)
 
     def local_copy(self, tree: Any) -> Any:
-        """A copy of replicated ``tree`` on one device of this process (the mesh's
-        first there): over several processes, each process's own copy."""
+        """A copy of ``tree`` on one device of this process (the mesh's first there):
+        over several processes, each process's own copy. Arrays split over the mesh
+        (``fit(shard_params=...)``) are gathered first; over several processes that
+        is a collective, which every process calls."""
         here = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        split = [a for a in jax.tree_util.tree_leaves(tree)
+                 if isinstance(a, jax.Array) and not a.is_fully_addressable
+                 and not a.sharding.is_fully_replicated]
+        if split:
+            tree = jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
 
         def local(a):
             if isinstance(a, jax.Array) and not a.is_fully_addressable:
@@ -72,19 +80,22 @@ class DataParallel(NamedTuple):
 
         return jax.tree_util.tree_map(local, tree)
 
-    def put(self, tree: Any) -> Any:
-        """``tree`` copied onto every device of the mesh (a no-op for arrays already there)."""
-        return jax.device_put(tree, self.replicated)
+    def put(self, tree: Any, shardings: Any = None) -> Any:
+        """``tree`` copied onto the mesh: onto every device, or with ``shardings``
+        (a sharding per leaf, or one for all); a no-op for arrays already there."""
+        return jax.device_put(tree, self.replicated if shardings is None else shardings)
 
-    def step(self, step: Callable) -> Callable:
+    def step(self, step: Callable, carry_shardings: Any = None) -> Callable:
         """``step(carry, (x, y, weights, key))`` with the batch split over the devices
-        and the new carry kept replicated (constraints for XLA's partitioner)."""
+        and the new carry kept replicated, or with ``carry_shardings`` (constraints
+        for XLA's partitioner)."""
+        kept = self.replicated if carry_shardings is None else carry_shardings
 
         def sharded_step(carry, batch):
             x, y, weights, key = batch
             x, y, weights = jax.lax.with_sharding_constraint((x, y, weights), self.batch)
             carry, sums = step(carry, (x, y, weights, key))
-            return jax.lax.with_sharding_constraint(carry, self.replicated), sums
+            return jax.lax.with_sharding_constraint(carry, kept), sums
 
         return sharded_step
 

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -78,6 +79,23 @@ class Callback:
 
 def _copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _split_between_processes(a: Any) -> bool:
+    """Whether ``a`` is an array split over the devices of several processes
+    (``fit(devices="all", shard_params=True)`` after ``jax.distributed.initialize``)."""
+    return isinstance(a, jax.Array) and not a.is_fully_addressable and (
+        not a.sharding.is_fully_replicated)
+
+
+def _on_host(tree: Any) -> Any:
+    """``tree`` with the arrays split between processes gathered, whole, into each
+    process's host memory (a collective: every process calls it); others as they are."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree_util.tree_map(
+        lambda a: multihost_utils.process_allgather(a, tiled=True)
+        if _split_between_processes(a) else a, tree)
 
 
 def _writes_files() -> bool:
@@ -159,7 +177,9 @@ class ModelCheckpoint(Callback):
     not saved (a ``RuntimeWarning`` names it), so the last good checkpoint is
     never rotated out. On Ctrl-C the last completed epoch is saved if it is not
     on disk yet. Over several processes, process 0 writes (every process checks
-    the folder before training).
+    the folder before training); state split between them
+    (``fit(shard_params=...)``) is first gathered by every process, so each host
+    holds it whole while it is saved.
 
     Args:
       directory: the run's folder.
@@ -180,6 +200,9 @@ class ModelCheckpoint(Callback):
             self._checked = True
 
     def _save(self, params, state, opt_state, epoch, key, history) -> None:
+        # Arrays split between processes are gathered by all of them, then process 0
+        # writes (in one process, saving gathers a sharded array itself).
+        params, state, opt_state = _on_host((params, state, opt_state))
         if not _writes_files():
             return
         self.manager.save(params=params, state=state, opt_state=opt_state, epoch=epoch,
@@ -200,6 +223,13 @@ class ModelCheckpoint(Callback):
             return
         latest = self.manager.latest_epoch()
         if latest is not None and latest >= result.epoch:
+            return
+        if any(map(_split_between_processes, jax.tree_util.tree_leaves(
+                (result.params, result.state, result.opt_state)))):
+            warnings.warn(f"{self.manager.directory}: epoch {result.epoch} not saved on "
+                          "Ctrl-C: its state is split between processes, and gathering it "
+                          "needs every process (the previous epochs' checkpoints are there)",
+                          RuntimeWarning, stacklevel=2)
             return
         self._save(result.params, result.state, result.opt_state, result.epoch, result.key,
                    result.history)

@@ -26,7 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnn import _data_checks, _loss_forms, _sharding, _sources, evaluation, host_memory
+from jaxnn import (
+    _data_checks,
+    _loss_forms,
+    _param_sharding,
+    _sharding,
+    _sources,
+    evaluation,
+    host_memory,
+)
 from jaxnn._chunks import (
     ChunkRunner,
     default_steps_per_call,
@@ -95,6 +103,7 @@ def fit(
     on_nonfinite: str = "raise",
     feed: str | None = None,
     accumulate: int = 1,
+    shard_params: bool | Mapping[str, jax.sharding.PartitionSpec] = False,
 ) -> FitResult:
     """Train ``model`` on ``(x, y)``; returns a :class:`FitResult` (params, state, history).
 
@@ -138,6 +147,11 @@ def fit(
         steps per compiled call, a custom gradient, mixed precision (``jnp.bfloat16``)
         and data parallelism (``devices="all"``: every device, of every process after
         ``jax.distributed.initialize``): see ``docs/training.md``.
+      shard_params: over several devices, ``True`` splits the params and the
+        optimizer state over them (each parameter along its largest dimension the
+        device count divides) instead of copying them to each; a dict
+        ``{"*/kernel": P("data", None)}`` sets the split of the parameters whose
+        path matches. No effect on one device.
 
     Ctrl-C raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``); its
     ``.result`` holds the last completed epoch, to resume from.
@@ -149,6 +163,7 @@ def fit(
         compute_dtype=compute_dtype, optimizer=optimizer, key=key, params=params,
         on_nonfinite=on_nonfinite, feed=feed, accumulate=accumulate)
     verbose = check_verbose(verbose)
+    shard_table = _param_sharding.check_shard_params(shard_params)
     parallel = _sharding.data_parallel(devices)
     if parallel is not None and parallel.spans_processes and jax.process_index() != 0:
         verbose = 0  # over several processes, process 0 prints
@@ -165,9 +180,16 @@ def fit(
     validate = _validation(model, params, state, validation_data, loss, penalty, metric_fns,
                            batch_size, parallel)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
+    if parallel is None:
+        shardings = None
+        if shard_table:  # one device: nothing split, but a pattern matching nothing is an error
+            _param_sharding.param_specs(params, shard_table, 1)
+    else:
+        shardings = _param_sharding.carry_shardings(parallel, shard_table, params, state,
+                                                    opt_state)
     host_memory.prepare_cpu()
     runner = _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
-                     accumulate, parallel, params, batch_size)
+                     accumulate, parallel, shardings, params, batch_size)
 
     def compile_seconds() -> float:
         return runner.compile_seconds + source.compile_seconds
@@ -176,7 +198,7 @@ def fit(
     # caller's params, state and optimizer state stay valid.
     carry = jax.tree_util.tree_map(jnp.array, (params, state, opt_state))
     if parallel is not None:
-        carry = parallel.put(carry)
+        carry = parallel.put(carry, shardings)
     history: dict[str, list[float]] = {}
     epoch = initial_epoch
     if callbacks:
@@ -233,13 +255,14 @@ def fit(
 
 
 def _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
-            accumulate, parallel, params, batch_size) -> ChunkRunner:
-    """The compiled training programs: a fast step and, to find a NaN/inf, a halting one."""
+            accumulate, parallel, shardings, params, batch_size) -> ChunkRunner:
+    """The compiled training programs: a fast step and, to find a NaN/inf, a halting one
+    (over a mesh: with the carry kept at ``shardings``)."""
     steps = {variant: make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
                                 compute_dtype, guard=variant == "halting", accumulate=accumulate)
              for variant in ("fast", "halting")}
     if parallel is not None:
-        steps = {variant: parallel.step(step) for variant, step in steps.items()}
+        steps = {variant: parallel.step(step, shardings) for variant, step in steps.items()}
     steps["halting"] = halting(steps["halting"])
     return ChunkRunner(
         steps, unroll=epoch_unroll(params, batch_size * accumulate),
