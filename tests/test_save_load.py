@@ -67,23 +67,25 @@ def _assert_same_bits(actual, expected):
 
 
 def _perturbed(tree, seed):
-    """The tree with every leaf offset (in numpy: no device work), so that the
-    zeros and ones of default initialisers are not all a round trip is checked on."""
+    """A tree of the same structure, shapes and dtypes (arrays or ShapeDtypeStructs) with
+    random values in [0.5, 1.5) (positive: valid variances), drawn in numpy: no device
+    work, and no zeros and ones of default initialisers as all a round trip is checked on."""
     rng = np.random.default_rng(seed)
 
-    def offset(leaf):
-        leaf = np.asarray(leaf)
-        moved = leaf.astype(np.float32) + rng.normal(size=leaf.shape).astype(np.float32)
-        return jnp.asarray(moved.astype(leaf.dtype))
+    def values(leaf):
+        drawn = rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
+        return jnp.asarray(drawn.astype(leaf.dtype))
 
-    return jax.tree_util.tree_map(offset, tree)
+    return jax.tree_util.tree_map(values, tree)
 
 
 @functools.cache
 def _initialised(case):
-    """``(layer, x, params, state)`` for the case named ``case``, made once."""
+    """``(layer, x, params, state)`` for the case named ``case``, made once: the structure,
+    shapes and dtypes of ``init_with_state`` (traced, not run: the initialisers would
+    compile a program per layer) with random values."""
     layer, x = {name: (layer, x) for name, layer, x in CASES}[case]
-    params, state = layer.init_with_state(jax.random.key(0), x)
+    params, state = jax.eval_shape(layer.init_with_state, jax.random.key(0), x)
     return layer, x, _perturbed(params, 1), _perturbed(state, 2)
 
 
@@ -110,7 +112,8 @@ def test_one_line_each_and_no_state(tmp_path):
     loaded = jaxnn.load(tmp_path / "model.npz")
     _assert_same_bits(loaded.params, params)
     assert loaded.state is None
-    _assert_same_bits(residual.apply(loaded.params, VECTORS), residual.apply(params, VECTORS))
+    apply = jax.jit(residual.apply)  # one program, not one per operation
+    _assert_same_bits(apply(loaded.params, VECTORS), apply(params, VECTORS))
 
 
 def test_lists_tuples_none_empty_and_bare_arrays(tmp_path):
