@@ -78,6 +78,15 @@ def _random_params(kind, features, units, seed=0, scale=0.5):
     return {k: jnp.asarray(v) for k, v in p.items()}
 
 
+def _random_like_init(net, key, *inputs, seed=0, scale=0.5):
+    """Parameters of the structure, shapes and dtypes ``net.init`` gives (traced, not run:
+    initialisation is tested below, and would compile a program here) with random values."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype),
+        jax.eval_shape(net.init, key, *inputs))
+
+
 def _random_input(shape, seed=1):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
 
@@ -166,7 +175,7 @@ def test_simple_rnn_custom_activation(x64):
 def test_sequential_lstm_then_dense(x64, key):
     x = _random_input((3, 4, 5), seed=11)
     net = Sequential([LSTM(8), Dense(3)])
-    params = net.init(key, x)
+    params = _random_like_init(net, key, x)
     assert sorted(params) == ["dense_0", "lstm_0"]
     assert params["lstm_0"]["kernel"].shape == (5, 32)
     y = net.apply(params, x)
@@ -183,7 +192,7 @@ def test_functional_model_passes_lengths(x64, key):
 
     x = _random_input((2, 5, 3), seed=12)
     lengths = jnp.array([3, 5])
-    params = encoder.init(key, x, lengths)
+    params = _random_like_init(encoder, key, x, lengths)
     mask = np.arange(5)[None, :] < np.asarray(lengths)[:, None]
     _, h, _ = _ref_run("gru", params["gru_0"], x, mask=mask)
     _close(encoder.apply(params, x, lengths), h)
@@ -250,7 +259,7 @@ def test_gradients_match_finite_differences(x64, kind):
 def test_jit_grad_and_vmap(key):
     x = jnp.asarray(_random_input((3, 2, 4, 3)), jnp.float32)  # 3 batches of (2, 4, 3)
     layer = LSTM(5, return_sequences=True)
-    params = layer.init(key, x[0])
+    params = _random_like_init(layer, key, x[0])
 
     apply = jax.jit(layer.apply)
     eager = layer.apply(params, x[0])
