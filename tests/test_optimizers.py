@@ -43,16 +43,21 @@ def _cross_entropy(logits, labels):
 
 
 def _data():
-    x = jax.random.normal(jax.random.key(1), (32, 5))
-    y = jax.random.randint(jax.random.key(2), (32,), 0, 3)
-    return x, y
+    """Inputs, labels and initial parameters, drawn in numpy (jax.random and the layers'
+    initialisers would compile programs of their own; initialisation is tested elsewhere)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(32, 5)))
+    y = jnp.asarray(rng.integers(0, 3, size=32))
+    shapes = jax.eval_shape(_model().init, jax.random.key(0), x)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
+    return x, y, params
 
 
 def _train(opt, steps=STEPS):
     """Train the MLP for ``steps`` steps inside one jitted scan; returns (initial, final)."""
     model = _model()
-    x, y = _data()
-    params = model.init(jax.random.key(0), x)
+    x, y, params = _data()
 
     def loss(p):
         return _cross_entropy(model.apply(p, x), y)
