@@ -129,7 +129,13 @@ def test_bfloat16_training_reaches_float32_accuracy():
 def test_bfloat16_keeps_batchnorm_state_in_its_dtype():
     model, _, x, y = _problem()
     model = Sequential([Dense(HIDDEN), BatchNorm(), relu, Dense(CLASSES)])
-    params, state = model.init_with_state(jax.random.key(0), x[:1])
+    # Shapes and dtypes from init_with_state, traced, not run (its initialisers would
+    # compile a program of their own): random params, running mean and variance all 1.
+    shapes = jax.eval_shape(model.init_with_state, jax.random.key(0), x[:1])
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes[0])
+    state = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), shapes[1])
     result = fit(model, params, x, y, loss=sparse_softmax_cross_entropy,
                  optimizer=optax.sgd(0.1), key=jax.random.key(1), state=state, epochs=1,
                  batch_size=N, metrics=(), verbose=0, compute_dtype="bfloat16")
