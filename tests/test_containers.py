@@ -19,6 +19,17 @@ def _normal(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
 
 
+def _like_init(model, key, *inputs, seed=0):
+    """Parameters of the structure, shapes and dtypes ``model.init`` gives, traced, not run
+    (the initialisers compile a program per model and input; they are tested in
+    test_init_is_deterministic_and_layers_get_distinct_keys and test_initializers.py),
+    with random values drawn in numpy."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype),
+        jax.eval_shape(model.init, key, *inputs))
+
+
 def _numpy_mlp(params, x):
     h = np.asarray(x, np.float64)
     for i in range(3):
@@ -30,8 +41,8 @@ def _numpy_mlp(params, x):
 
 
 def test_sequential_param_names_and_shapes(key):
-    params = _mlp().init(key, jnp.zeros((4, 784)))
-    shapes = jax.tree_util.tree_map(jnp.shape, params)
+    params = jax.eval_shape(_mlp().init, key, jnp.zeros((4, 784)))
+    shapes = jax.tree_util.tree_map(lambda a: a.shape, params)
     assert shapes == {
         "dense_0": {"kernel": (784, 16), "bias": (16,)},
         "dense_1": {"kernel": (16, 16), "bias": (16,)},
@@ -42,7 +53,7 @@ def test_sequential_param_names_and_shapes(key):
 def test_sequential_matches_numpy_and_is_pure(key, x64):
     model = _mlp()
     x = _normal(1, (5, 784))
-    params = model.init(key, x)
+    params = _like_init(model, key, x)
     y = model.apply(params, x)
     np.testing.assert_allclose(y, _numpy_mlp(params, x), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(jax.jit(model.apply)(params, x), y)
@@ -51,7 +62,7 @@ def test_sequential_matches_numpy_and_is_pure(key, x64):
 def test_sequential_vmap_over_batches(key):
     model = _mlp()
     xs = _normal(1, (3, 4, 784))
-    params = model.init(key, xs[0])
+    params = _like_init(model, key, xs[0])
     stacked = jax.vmap(model.apply, in_axes=(None, 0))(params, xs)
     for i in range(3):
         np.testing.assert_allclose(stacked[i], model.apply(params, xs[i]), rtol=1e-5, atol=1e-6)
@@ -60,7 +71,7 @@ def test_sequential_vmap_over_batches(key):
 def test_sequential_gradients_match_finite_differences(key, x64):
     model = jaxnn.Sequential([jaxnn.Dense(5), jnp.tanh, jaxnn.Dense(3)])
     x = _normal(1, (4, 6))
-    params = model.init(key, x)
+    params = _like_init(model, key, x)
     errors = check_grads(jax.jit(lambda p: jnp.sum(model.apply(p, x) ** 2)), params)
     assert max(errors.values()) < 1e-6, errors
 
@@ -77,7 +88,7 @@ def test_init_is_deterministic_and_layers_get_distinct_keys(key):
 
 def test_explicit_names_and_duplicates():
     model = jaxnn.Sequential([jaxnn.Dense(4, name="hidden"), jaxnn.Dense(2, name="out")])
-    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3)))
     assert set(params) == {"hidden", "out"}
     with pytest.raises(ValueError, match="two layers are named 'a'"):
         jaxnn.Sequential([jaxnn.Dense(4, name="a"), jaxnn.Dense(2, name="a")])
@@ -98,7 +109,7 @@ def test_functional_model_residual_and_two_inputs(key, x64):
 
     a = _normal(1, (3, 5))
     b = _normal(2, (3, 7))
-    params = two_tower.init(key, a, b)
+    params = _like_init(two_tower, key, a, b)
     assert set(params) == {"dense_0", "dense_1", "dense_2"}
     p = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in params.items()}
     dense = lambda name, x: x @ p[name]["kernel"] + p[name]["bias"]
@@ -118,7 +129,7 @@ def test_functional_model_nested_in_sequential_summary(key):
 
     model = jaxnn.Sequential([jaxnn.Dense(8), block, block, jaxnn.Dense(2)])
     x = jnp.zeros((5, 3))
-    params = model.init(key, x)
+    params = _like_init(model, key, x)
     assert set(params) == {"dense_0", "block_0", "block_1", "dense_1"}
     assert set(params["block_1"]) == {"dense_0", "dense_1"}
     table = model.summary(x)
@@ -146,7 +157,7 @@ def test_summary_of_the_mnist_mlp():
 @pytest.mark.parametrize("jitted", [False, True])
 def test_wrong_feature_count_names_layer_and_shapes(key, jitted):
     model = _mlp()
-    params = model.init(key, jnp.zeros((2, 784)))
+    params = _like_init(model, key, jnp.zeros((2, 784)))
     bad = jnp.zeros((2, 785))
     apply = jax.jit(model.apply) if jitted else model.apply
     with pytest.raises(ValueError) as info:
@@ -159,7 +170,7 @@ def test_integer_input_is_refused_with_layer_name(key):
     model = _mlp()
     with pytest.raises(TypeError, match="Dense layer 'dense_0'.*int32"):
         model.init(key, jnp.zeros((2, 784), jnp.int32))
-    params = model.init(key, jnp.zeros((2, 784)))
+    params = _like_init(model, key, jnp.zeros((2, 784)))
     with pytest.raises(TypeError, match="Dense layer 'dense_0'.*int32"):
         model.apply(params, jnp.zeros((2, 784), jnp.int32))
 
@@ -173,7 +184,7 @@ def test_wrong_rank_is_refused_with_layer_name(key):
 def test_nested_error_path(key):
     inner = jaxnn.Sequential([jaxnn.Dense(4), jaxnn.Dense(4)], name="encoder")
     model = jaxnn.Sequential([inner, jaxnn.Dense(2)])
-    params = model.init(key, jnp.zeros((1, 3)))
+    params = _like_init(model, key, jnp.zeros((1, 3)))
     with pytest.raises(ValueError, match=r"'encoder/dense_0'.*3.*\(1, 5\)"):
         model.apply(params, jnp.zeros((1, 5)))
 
@@ -196,13 +207,14 @@ def test_flatten_and_reshape_match_numpy(key):
 
 def test_dense_options_and_errors(key, x64):
     layer = jaxnn.Dense(3, use_bias=False, kernel_init=jaxnn.initializers.ones())
-    x = jax.random.normal(key, (2, 4))
+    x = _normal(0, (2, 4))
     params = layer.init(key, x)
     assert set(params) == {"kernel"}
     np.testing.assert_allclose(layer.apply(params, x), np.asarray(x).sum(-1, keepdims=True)
                                * np.ones((1, 3)), rtol=1e-12)
     assert params["kernel"].dtype == jnp.float64
-    assert jaxnn.Dense(3, dtype=jnp.float32).init(key, x)["kernel"].dtype == jnp.float32
+    assert jax.eval_shape(jaxnn.Dense(3, dtype=jnp.float32).init, key, x)["kernel"].dtype == (
+        jnp.float32)
     with pytest.raises(ValueError, match="units must be a positive integer"):
         jaxnn.Dense(0)
 
