@@ -254,36 +254,79 @@ def test_dense_losses_match_optax(ls, x64):
 # -- gradients, jit, vmap ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_gradcheck(name, x64):
+def _loss_of(name):
+    """``f(p, t, w)``: the loss of case ``name`` with its options, weights ``w`` and MASK."""
     loss, kwargs, _, _ = CASES[name]
-    p, t = _inputs(name, extreme=False)
-    t = jnp.asarray(t)
-    f = lambda params: loss(params["p"], t, weights=WEIGHTS, mask=MASK, **kwargs)
-    errors = check_grads(f, {"p": jnp.asarray(p)})
-    assert errors["p"] < 1e-6, errors
+    return lambda p, t, w: loss(p, t, weights=w, mask=MASK, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def gradcheck_errors():
+    """``{name: relative error}`` of jax.grad against central finite differences, every
+    case in one check: the sum of all the cases' losses, each of its own predictions, is
+    one jitted program (checked one case at a time, op by op, each compiled ~5 programs).
+    Perturbing a case's predictions moves only its own term of the sum."""
+    with jax.enable_x64(True):
+        targets, predictions = {}, {}
+        for name in NAMES:
+            p, t = _inputs(name, extreme=False)
+            predictions[name], targets[name] = jnp.asarray(p), jnp.asarray(t)
+
+        @jax.jit
+        def total(ps):
+            return sum(_loss_of(name)(ps[name], targets[name], WEIGHTS) for name in NAMES)
+
+        return check_grads(total, predictions)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_float32_extremes_under_jit_grad_and_vmap(name):
-    loss, kwargs, _, element = CASES[name]
-    (p0, t0), (p1, t1) = _inputs(name, True, seed=0), _inputs(name, True, seed=1)
-    f = lambda p, t, w: loss(p, t, weights=w, mask=MASK, **kwargs)
-    args0 = (jnp.asarray(p0, jnp.float32), jnp.asarray(t0), jnp.asarray(WEIGHTS, jnp.float32))
-    args1 = (jnp.asarray(p1, jnp.float32), jnp.asarray(t1),
-             jnp.asarray(WEIGHTS[::-1], jnp.float32))
-    eager = [f(*args0), f(*args1)]
-    value, grad = jax.jit(jax.value_and_grad(f))(*args0)
+def test_gradcheck(name, gradcheck_errors):
+    assert gradcheck_errors[name] < 1e-6, gradcheck_errors
+
+
+@pytest.fixture(scope="module")
+def float32_extremes():
+    """``{name: (targets0, args0, outputs)}``: two float32 batches with extreme values per
+    case (and the first one's float64 targets), and for every case in one jitted program
+    (one compilation for all, where each case op by op compiled ~7 programs): the value
+    and gradient at ``args0``, the loss of each batch alone, and the loss vmapped over
+    the two batches stacked."""
+    inputs, targets0 = {}, {}
+    for name in NAMES:
+        (p0, t0), (p1, t1) = _inputs(name, True, seed=0), _inputs(name, True, seed=1)
+        targets0[name] = t0
+        inputs[name] = (
+            (jnp.asarray(p0, jnp.float32), jnp.asarray(t0), jnp.asarray(WEIGHTS, jnp.float32)),
+            (jnp.asarray(p1, jnp.float32), jnp.asarray(t1),
+             jnp.asarray(WEIGHTS[::-1], jnp.float32)))
+
+    @jax.jit
+    def run(inputs):
+        out = {}
+        for name, (args0, args1) in inputs.items():
+            f = _loss_of(name)
+            stacked = [jnp.stack(pair) for pair in zip(args0, args1)]
+            out[name] = (jax.value_and_grad(f)(*args0), (f(*args0), f(*args1)),
+                         jax.vmap(f)(*stacked))
+        return out
+
+    outputs = run(inputs)
+    return {name: (targets0[name], inputs[name][0], outputs[name]) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_extremes_under_jit_grad_and_vmap(name, float32_extremes):
+    element = CASES[name][3]
+    t0, args0, ((value, grad), single, batched) = float32_extremes[name]
     assert value.dtype == jnp.float32 and grad.shape == args0[0].shape
     assert np.isfinite(value) and np.all(np.isfinite(grad))
-    np.testing.assert_allclose(value, eager[0], rtol=1e-6)
+    np.testing.assert_allclose(value, single[0], rtol=1e-6)
     # against float64 numpy on the float32-rounded inputs; the float32 clip bound
     # 1 - 1e-7 rounds to 1 - 1.19e-7, so losses on probabilities agree only loosely
     expected = np_reduce(element(np.asarray(args0[0], np.float64), t0), WEIGHTS, MASK, "mean")
     rtol = 2e-2 if name in ON_PROBABILITIES else 1e-5
     np.testing.assert_allclose(value, expected, rtol=rtol)
-    stacked = [jnp.stack(pair) for pair in zip(args0, args1)]
-    np.testing.assert_allclose(jax.vmap(f)(*stacked), eager, rtol=1e-6)
+    np.testing.assert_allclose(batched, single, rtol=1e-6)
 
 
 # -- errors ---------------------------------------------------------------------------------
