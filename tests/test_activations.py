@@ -110,24 +110,41 @@ SOFTMAX_ROWS = np.array([
 # -- values ------------------------------------------------------------------------
 
 
+@jax.jit
+def _values_and_derivatives(x):
+    """``{name: (fn(x), fn'(x))}`` for every element-wise activation, one program per dtype
+    (each function op by op compiled a program per operation, per dtype)."""
+    return {name: (fn(x), jax.vmap(jax.grad(fn))(x)) for name, (fn, _, _) in ELEMENTWISE.items()}
+
+
+@pytest.fixture(scope="module")
+def float64_extremes():
+    with jax.enable_x64(True):
+        return _values_and_derivatives(jnp.asarray(EXTREME, jnp.float64))
+
+
+@pytest.fixture(scope="module")
+def float32_extremes():
+    x = jnp.asarray(EXTREME, jnp.float32)
+    return np.asarray(x, np.float64), _values_and_derivatives(x)  # the float32-rounded inputs
+
+
 @pytest.mark.parametrize("name", sorted(ELEMENTWISE))
-def test_elementwise_value_and_derivative_float64(name, x64):
-    fn, ref, dref = ELEMENTWISE[name]
-    x = jnp.asarray(EXTREME, jnp.float64)
-    np.testing.assert_allclose(fn(x), ref(EXTREME), rtol=1e-12, atol=1e-14)
-    grads = jax.vmap(jax.grad(fn))(x)
+def test_elementwise_value_and_derivative_float64(name, float64_extremes):
+    _, ref, dref = ELEMENTWISE[name]
+    y, grads = float64_extremes[name]
+    assert y.dtype == grads.dtype == jnp.float64
+    np.testing.assert_allclose(y, ref(EXTREME), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(grads, dref(EXTREME), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", sorted(ELEMENTWISE))
-def test_elementwise_float32_extremes_finite_and_accurate(name):
-    fn, ref, dref = ELEMENTWISE[name]
-    x = jnp.asarray(EXTREME, jnp.float32)
-    y = fn(x)
-    g = jax.vmap(jax.grad(fn))(x)
+def test_elementwise_float32_extremes_finite_and_accurate(name, float32_extremes):
+    _, ref, dref = ELEMENTWISE[name]
+    x64_points, outputs = float32_extremes
+    y, g = outputs[name]
     assert y.dtype == jnp.float32 and g.dtype == jnp.float32
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(g))
-    x64_points = np.asarray(x, np.float64)  # the float32-rounded inputs
     np.testing.assert_allclose(y, ref(x64_points), rtol=2e-6, atol=1e-30)
     # jnp.tanh's derivative 1 - tanh(x)**2 is accurate only to float32's epsilon absolutely
     np.testing.assert_allclose(g, dref(x64_points), rtol=2e-6,
@@ -144,13 +161,18 @@ def test_softmax_value_float64(fn, ref, axis, x64):
 
 def test_softmax_float32_extremes_finite():
     x = jnp.asarray(SOFTMAX_ROWS, jnp.float32)
-    p, lp = softmax(x), log_softmax(x)
+    c = jnp.arange(4.0)
+
+    @jax.jit  # one program (op by op, every operation compiled on its own)
+    def values_and_grads(x):
+        return softmax(x), log_softmax(x), [jax.grad(lambda x, fn=fn: jnp.sum(fn(x) * c))(x)
+                                            for fn in (softmax, log_softmax)]
+
+    p, lp, grads = values_and_grads(x)
     assert np.all(np.isfinite(p)) and np.all(np.isfinite(lp))
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(lp, np_log_softmax(SOFTMAX_ROWS, -1), rtol=1e-6)
-    c = jnp.arange(4.0)
-    for fn in (softmax, log_softmax):
-        g = jax.grad(lambda x, fn=fn: jnp.sum(fn(x) * c))(x)
+    for g in grads:
         assert np.all(np.isfinite(g))
 
 
@@ -167,32 +189,54 @@ def test_against_jax_nn(x64):
              (silu, jax.nn.silu), (elu, jax.nn.elu), (leaky_relu, jax.nn.leaky_relu),
              (gelu, partial(jax.nn.gelu, approximate=False)),
              (partial(gelu, approximate=True), partial(jax.nn.gelu, approximate=True))]
-    for ours, theirs in pairs:
-        np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-12, atol=1e-14)
-    s = jnp.asarray(SOFTMAX_ROWS)
-    np.testing.assert_allclose(softmax(s), jax.nn.softmax(s), rtol=1e-12, atol=1e-300)
-    np.testing.assert_allclose(log_softmax(s), jax.nn.log_softmax(s), rtol=1e-12)
+    softmaxes = [(softmax, jax.nn.softmax), (log_softmax, jax.nn.log_softmax)]
+
+    @jax.jit  # one program (op by op, every operation compiled on its own)
+    def both(x, s):
+        return ([(ours(x), theirs(x)) for ours, theirs in pairs],
+                [(ours(s), theirs(s)) for ours, theirs in softmaxes])
+
+    elementwise, rows = both(x, jnp.asarray(SOFTMAX_ROWS))
+    for ours, theirs in elementwise:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(*rows[0], rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(*rows[1], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtype_preserved(dtype):
-    x = jnp.linspace(-3, 3, 7).astype(dtype)
+    # The dtype is decided while tracing: eval_shape traces each function without
+    # compiling it (op by op, every operation compiled a program per dtype).
+    x = jax.ShapeDtypeStruct((7,), dtype)
     for fn, _, _ in ELEMENTWISE.values():
-        assert fn(x).dtype == dtype
-    assert softmax(x).dtype == dtype and log_softmax(x).dtype == dtype
+        assert jax.eval_shape(fn, x).dtype == dtype
+    assert jax.eval_shape(softmax, x).dtype == jax.eval_shape(log_softmax, x).dtype == dtype
 
 
 # -- gradients, jit, vmap ------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def gradcheck_errors():
+    """``{name: relative error}`` of jax.grad against central finite differences, every
+    element-wise activation in one check of one jitted program: the sum over the
+    activations of sum(c * fn(x)), each at its own points (at least 1e-3 from a kink)."""
+    with jax.enable_x64(True):
+        points = {name: jnp.asarray(KINK_POINTS if name in KINKED else SMOOTH_POINTS)
+                  for name in ELEMENTWISE}
+        weights = {name: jnp.linspace(0.5, 1.5, p.size) for name, p in points.items()}
+
+        @jax.jit
+        def total(xs):
+            return sum(jnp.sum(weights[name] * fn(xs[name]))
+                       for name, (fn, _, _) in ELEMENTWISE.items())
+
+        return check_grads(total, points)
+
+
 @pytest.mark.parametrize("name", sorted(ELEMENTWISE))
-def test_elementwise_gradcheck(name, x64):
-    fn = ELEMENTWISE[name][0]
-    points = KINK_POINTS if name in KINKED else SMOOTH_POINTS
-    c = jnp.linspace(0.5, 1.5, points.size)
-    errors = check_grads(jax.jit(lambda p: jnp.sum(c * fn(p["x"]))),
-                         {"x": jnp.asarray(points)})
-    assert errors["x"] < 1e-6, errors
+def test_elementwise_gradcheck(name, gradcheck_errors):
+    assert gradcheck_errors[name] < 1e-6, gradcheck_errors
 
 
 @pytest.mark.parametrize("axis", [-1, 0])
