@@ -89,7 +89,8 @@ def test_mask_from_filter_is_an_optax_mask(x64):
     # With zero gradients only weight decay moves the params: exactly the masked-in leaves.
     opt = optax.adamw(0.1, weight_decay=0.5, mask=regularizers.mask_fn(kernels_only))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, _ = opt.update(zeros, opt.init(params), params)
+    # jitted: one program (op by op, every operation on every leaf shape compiles its own)
+    updates = jax.jit(lambda p: opt.update(zeros, opt.init(p), p)[0])(params)
     for path, u in leaf_paths(updates).items():
         w = np.asarray(leaf_paths(params)[path])
         expected = -0.1 * 0.5 * w if path in KERNELS else np.zeros_like(w)
@@ -98,7 +99,7 @@ def test_mask_from_filter_is_an_optax_mask(x64):
 
 def test_biases_and_norms_untouched_by_gradient(x64):
     params = _params(jnp.float64)
-    grads = jax.grad(regularizers.elastic_net(0.1, 0.2))(params)
+    grads = jax.jit(jax.grad(regularizers.elastic_net(0.1, 0.2)))(params)  # one program
     for path, g in leaf_paths(grads).items():
         w = np.asarray(leaf_paths(params)[path])
         expected = 0.1 * np.sign(w) + 2 * 0.2 * w if path in KERNELS else np.zeros_like(w)
@@ -122,9 +123,12 @@ def test_l1_gradient_is_zero_at_zero(x64):
 
 def test_composes_with_loss_under_grad_and_jit(x64):
     model = jaxnn.Sequential([jaxnn.Dense(4), jax.nn.tanh, jaxnn.Dense(2)])
-    x = jax.random.normal(jax.random.key(1), (6, 3))
-    y = jax.random.normal(jax.random.key(2), (6, 2))
-    params = model.init(jax.random.key(0), x)
+    # Data and parameters from numpy: jax.random and the initialisers would compile
+    # programs of their own (initialisation is tested elsewhere).
+    rng = np.random.default_rng(1)
+    x, y = jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6, 2)))
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
+                                    jax.eval_shape(model.init, jax.random.key(0), x))
     penalty = regularizers.l2(0.05)
 
     def loss(p):
@@ -132,7 +136,7 @@ def test_composes_with_loss_under_grad_and_jit(x64):
 
     objective = jax.jit(jax.grad(lambda p: loss(p) + penalty(p)))
     got = objective(params)
-    plain = jax.grad(loss)(params)
+    plain = jax.jit(jax.grad(loss))(params)
     for name in ("dense_0", "dense_1"):
         kernel = np.asarray(params[name]["kernel"])
         np.testing.assert_allclose(np.asarray(got[name]["kernel"]),
@@ -149,7 +153,7 @@ def test_vmap_over_stacked_params(x64):
     members = [_params(jnp.float64), jax.tree_util.tree_map(lambda w: 2 * w, _params(jnp.float64))]
     stacked = jax.tree_util.tree_map(lambda *ws: jnp.stack(ws), *members)
     penalty = regularizers.elastic_net(0.1, 0.2)
-    got = jax.vmap(penalty)(stacked)
+    got = jax.jit(jax.vmap(penalty))(stacked)  # one program, not one per operation
     expected = [0.1 * sum(np.abs(w).sum() for w in _numpy_leaves(m, KERNELS))
                 + 0.2 * sum((w**2).sum() for w in _numpy_leaves(m, KERNELS)) for m in members]
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12)
