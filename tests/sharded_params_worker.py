@@ -17,11 +17,18 @@ one JSON object:
   against the next epoch from the values in memory, both on 8 devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_params_worker.py DIR
+
+Or, with ``reference`` (4 devices) or ``PROCESS_ID PORT`` (2 devices; two processes
+after ``jax.distributed.initialize``), two epochs sharded over 4 devices with a
+ModelCheckpoint into ``DIR/NAME`` (see :func:`over_processes`).
 """
 
+import functools
 import json
+import os
 import pathlib
 import sys
+import traceback
 
 import jax
 
@@ -46,12 +53,19 @@ Y = np.argmax(X @ x_rng.normal(size=(8, 4)), axis=-1).astype(np.int32)
 # whole; over 8 the last bias (4,) is replicated too.
 MODEL = jaxnn.Sequential([jaxnn.Dense(16), jnp.tanh, jaxnn.BatchNorm(), jaxnn.Dropout(0.3),
                           jaxnn.Dense(4)])
-PARAMS, STATE = MODEL.init_with_state(jax.random.key(0), X[:1])
 OPTIMIZER = optax.adam(1e-2)
 
 
+@functools.cache
+def initial():
+    """The initial ``(params, state)`` (made on first use: a process of a distributed
+    run may touch its devices only after ``jax.distributed.initialize``)."""
+    return MODEL.init_with_state(jax.random.key(0), X[:1])
+
+
 def fit(**kwargs):
-    kwargs = {"params": PARAMS, "state": STATE, "epochs": EPOCHS, "key": jax.random.key(1),
+    params, state = initial()
+    kwargs = {"params": params, "state": state, "epochs": EPOCHS, "key": jax.random.key(1),
               **kwargs}
     return jaxnn.fit(MODEL, kwargs.pop("params"), X, Y, loss="sparse_softmax_cross_entropy",
                      optimizer=OPTIMIZER, batch_size=BATCH, verbose=0,
@@ -139,6 +153,19 @@ def four_devices(report):
             errors[name] = str(error)
     report["errors"] = errors
 
+    def nan_at_the_short_batch(predictions, targets, weights):  # the last step's (2 rows)
+        loss = jaxnn.losses.sparse_softmax_cross_entropy(predictions, targets, weights=weights)
+        return loss * jnp.where(jnp.sum(weights) < BATCH, jnp.nan, 1.0)
+
+    params, state = initial()
+    try:
+        jaxnn.fit(MODEL, params, X, Y, state=state, loss=nan_at_the_short_batch,
+                  optimizer=OPTIMIZER, key=jax.random.key(1), batch_size=BATCH, verbose=0,
+                  devices=4, shard_params=True)
+    except jaxnn.NonFiniteError as error:  # found by the halting replay, sharded too
+        report["nonfinite"] = {"step": error.step, "specs": specs(error.result.params),
+                               "finite": bool(jaxnn.training.all_finite(error.result.params))}
+
 
 class Placed(Callback):
     """Keeps each device's shard of the carry fit starts from, copied to the host."""
@@ -161,7 +188,8 @@ def shards_match(placed, saved) -> bool:
 
 
 def resume(folder):
-    ckpt = jaxnn.resume(folder, params=PARAMS, state=STATE, opt_state=OPTIMIZER.init(PARAMS))
+    params, state = initial()
+    ckpt = jaxnn.resume(folder, params=params, state=state, opt_state=OPTIMIZER.init(params))
     return ckpt, (ckpt.params, ckpt.state, ckpt.opt_state)
 
 
@@ -220,13 +248,54 @@ def checkpoints(report, folder: pathlib.Path):
     }
 
 
-def main():
-    assert jax.device_count() == 8, jax.devices()
-    report = {}
-    four_devices(report)
-    checkpoints(report, pathlib.Path(sys.argv[1]))
-    print(json.dumps(report))
+def over_processes(out: pathlib.Path, name: str, devices):
+    """Two epochs sharded over ``devices`` with ModelCheckpoint into ``out/name``;
+    writes ``out/name.npz`` (the final carry, gathered, by leaf number) and
+    ``out/name.json`` (the history, the bytes each local device holds)."""
+    from jax.experimental import multihost_utils
+
+    result = fit(devices=devices, shard_params=True,
+                 callbacks=[ModelCheckpoint(out / name, max_to_keep=None)])
+    whole = multihost_utils.process_allgather(carry(result), tiled=True)
+    np.savez(out / f"{name}.npz", **{str(i): np.asarray(leaf) for i, leaf in
+                                     enumerate(jax.tree_util.tree_leaves(whole))})
+    leaves = jax.tree_util.tree_leaves((result.params, result.opt_state))
+    report = {
+        "history": {k: v for k, v in result.history.items() if k != "seconds"},
+        "bytes": {str(k): v for k, v in
+                  sorted(bytes_per_device((result.params, result.opt_state)).items())},
+        "total": sum(leaf.nbytes for leaf in leaves),
+        "specs": specs(carry(result)),
+        "split_between_processes": not any(leaf.is_fully_addressable for leaf in leaves
+                                           if not leaf.sharding.is_fully_replicated),
+    }
+    (out / f"{name}.json").write_text(json.dumps(report))
+
+
+def main(argv):
+    out = pathlib.Path(argv[0])
+    if len(argv) == 1:
+        assert jax.device_count() == 8, jax.devices()
+        report = {}
+        four_devices(report)
+        checkpoints(report, out)
+        print(json.dumps(report))
+    elif argv[1] == "reference":  # one process, 4 devices
+        over_processes(out, "reference", devices=4)
+    else:  # process PROCESS_ID of 2, 2 devices each, coordinator on localhost:PORT
+        process_id, port = int(argv[1]), int(argv[2])
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                                   process_id=process_id, initialization_timeout=60,
+                                   heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+        over_processes(out, f"process_{process_id}", devices="all")
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(sys.argv[1:])
+    except BaseException:  # noqa: BLE001 - any error ends this process at once (a process
+        traceback.print_exc()  # that raised would leave the other waiting in a collective)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
