@@ -17,7 +17,9 @@
 # 5. population.py, fit_many at K = 1, 16, 64, 256 (one timed epoch after a
 #    warm-up, beside one jaxnn.fit): gpu-population.json / .log.
 #
-# Random data of MNIST's shapes (--random-data) throughout: the GPU machine has
+# 6. examples/mnist_distributed.py over every device (devices="all"): gpu-distributed.log.
+#
+# Random data of MNIST's shapes (--random-data, random IDX files) throughout: the GPU machine has
 # no MNIST files and no network, and throughput does not depend on the values.
 # Each step has its own time limit, so one that hangs cannot eat the others'.
 # Everything goes to $OUT (7 files); the exit status is the number of steps that
@@ -100,6 +102,20 @@ step gpu-mlp 170 "$PY" "${MLP[@]}" --json "$OUT/gpu-mlp.json"
 step gpu-mlp-bf16 170 "$PY" "${MLP[@]}" --dtype bfloat16 --json "$OUT/gpu-mlp-bf16.json"
 step gpu-population 150 "$PY" benchmarks/population.py --k 1,16,64,256 --random-data \
     "${QUICK[@]}" --json "$OUT/gpu-population.json"
+# The distributed example over every device of the machine (devices="all"), on
+# random IDX files of MNIST's shapes (no MNIST files, no network there).
+RANDOM_MNIST="$OUT/random-mnist"
+step gpu-random-mnist 60 "$PY" -c "
+import pathlib, sys, numpy as np
+from jaxnn.datasets import write_idx
+out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(0)
+for split, n in (('train', 60000), ('t10k', 10000)):
+    write_idx(out / f'{split}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    write_idx(out / f'{split}-labels-idx1-ubyte.gz', rng.integers(0, 10, n, dtype=np.uint8))
+" "$RANDOM_MNIST"
+step gpu-distributed 150 "$PY" examples/mnist_distributed.py --devices all --epochs 2 \
+    --data-dir "$RANDOM_MNIST" --json
 
 say "finished: $failed step(s) failed"
 exit "$failed"
