@@ -12,7 +12,7 @@ import numpy as np
 _VERBOSE = (0, 1, 2)
 
 
-# verbose=1 updates the bar this many times an epoch (every max(1, steps // 20) steps)
+# verbose=1: the device-resident epoch runs as about this many chunks, the bar moved after each
 PROGRESS_UPDATES = 20
 
 
@@ -26,10 +26,6 @@ def check_verbose(verbose, where: str = "fit") -> int:
         return int(verbose)
     raise ValueError(f"{where}: verbose must be 0 (silent), 1 (a progress bar per epoch) or 2 "
                      f"(one line per epoch), got {verbose!r}")
-
-
-def progress_every(steps: int) -> int:
-    return max(1, steps // PROGRESS_UPDATES)
 
 
 class Progress:

@@ -61,10 +61,6 @@ def _nbytes(tree) -> int:
                for a in jax.tree_util.tree_leaves(tree))
 
 
-def _key_struct(key):
-    return jax.eval_shape(lambda k: jax.random.split(k, 1)[0], key)
-
-
 class _Placement:
     """Where chunks go: the default device, or split by their batch axis over a mesh.
 
