@@ -19,6 +19,13 @@ and ``Conv2d.weight`` is ``(C_out, C_in, kh, kw)`` (OIHW)::
 Keras kernels are already in these layouts. Like both libraries, a
 "convolution" here is a cross-correlation: the kernel is not flipped.
 
+Grouped convolutions (``groups=g``, lax's ``feature_group_count``, Keras' and
+PyTorch's ``groups``) split the ``C_in`` input channels and the ``filters``
+output channels into ``g`` groups of consecutive channels and convolve group
+``i`` of the input only into group ``i`` of the output; the kernel's input axis
+then holds ``C_in // g`` channels: ``(*K, C_in // g, filters)``. PyTorch's grouped
+weights, ``(C_out, C_in // g, *K)``, take the same permutations as above.
+
 The helpers that turn ``int``-or-tuple arguments and padding specs into
 tuples are shared with the pooling layers in :mod:`jaxnn.layers._pool`.
 """
@@ -159,9 +166,15 @@ def _conv(
     bias_init: initializers.Initializer | None,
     dtype: DTypeLike | None,
     name: str | None,
+    groups: int = 1,
 ) -> Layer:
     if not _is_int(filters) or filters <= 0:
         raise ValueError(f"{kind}: filters must be a positive integer, got {filters!r}")
+    if not _is_int(groups) or groups <= 0:
+        raise ValueError(f"{kind}: groups must be a positive integer, got {groups!r}")
+    groups = int(groups)
+    if filters % groups:
+        raise ValueError(f"{kind}: filters ({filters}) must be a multiple of groups ({groups})")
     kernel_size = as_tuple(kernel_size, ndim, kind, "kernel_size")
     strides = as_tuple(strides, ndim, kind, "strides")
     dilation = as_tuple(dilation, ndim, kind, "dilation")
@@ -180,6 +193,11 @@ def _conv(
     def check_input(x) -> Pads:
         check_rank(x, kind, min_rank=ndim + 2, max_rank=ndim + 2, layout=input_layout)
         check_floating(x, kind)
+        if x.shape[-1] % groups:
+            raise ValueError(
+                f"{where(kind)}: the input's {x.shape[-1]} channels (shape {tuple(x.shape)}) "
+                f"are not divisible by groups={groups}"
+            )
         pads = resolve_padding(pad_spec, x.shape[1:-1], extent, strides)
         check_window_fits(x, kind, pads, extent, window_desc)
         return pads
@@ -188,7 +206,8 @@ def _conv(
         check_input(x)
         dt = param_dtype(x, dtype)
         kernel_key, bias_key = jax.random.split(key)
-        params = {"kernel": kernel_init(kernel_key, (*kernel_size, x.shape[-1], filters), dt)}
+        kernel_shape = (*kernel_size, x.shape[-1] // groups, filters)
+        params = {"kernel": kernel_init(kernel_key, kernel_shape, dt)}
         if use_bias:
             params["bias"] = bias_init(bias_key, (filters,), dt)
         return params, {}
@@ -197,12 +216,17 @@ def _conv(
         del key, train
         kernel = params["kernel"]
         pads = check_input(x)
-        check_axis_size(x, kind, axis=-1, expected=kernel.shape[-2],
+        check_axis_size(x, kind, axis=-1, expected=kernel.shape[-2] * groups,
                         what="last dimension (channels)")
         # lax requires equal dtypes; promote like jnp.matmul would.
         dt = jnp.result_type(x, kernel)
         x, kernel = x.astype(dt), kernel.astype(dt)
-        if unit_steps:
+        if groups > 1:
+            y = lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads,
+                                         rhs_dilation=dilation,
+                                         dimension_numbers=dimension_numbers,
+                                         feature_group_count=groups)
+        elif unit_steps:
             # Stride 1: explicit zero padding, then the VALID convolution whose kernel
             # gradient runs as matrix products on CPU (see _conv_grad).
             if any(p for pair in pads for p in pair):
@@ -223,6 +247,8 @@ def _conv(
         extras.append(f"padding={pad_spec!r}")
     if any(d != 1 for d in dilation):
         extras.append(f"dilation={_describe(dilation)}")
+    if groups != 1:
+        extras.append(f"groups={groups}")
     if not use_bias:
         extras.append("use_bias=False")
     return Layer(name or kind.lower(), initialize, forward, spec=f"{kind}({', '.join(extras)})",
@@ -236,6 +262,7 @@ def Conv1D(
     strides: int = 1,
     padding: PaddingLike = "VALID",
     dilation: int = 1,
+    groups: int = 1,
     use_bias: bool = True,
     kernel_init: initializers.Initializer | None = None,
     bias_init: initializers.Initializer | None = None,
@@ -253,6 +280,12 @@ def Conv1D(
 
         y[n, i, o] = bias[o] + sum_{t < k, c < C_in} x_pad[n, i*s + t*d, c] * kernel[t, c, o]
 
+    With ``groups = g``, output channel ``o`` sees only the ``C_in // g`` input
+    channels of its group ``G = o // (filters // g)``::
+
+        y[n, i, o] = bias[o] + sum_{t < k, c < C_in // g}
+                     x_pad[n, i*s + t*d, G * (C_in // g) + c] * kernel[t, c, o]
+
     ``W_out = floor((W + pad_lo + pad_hi - (k - 1) * d - 1) / s) + 1``; with
     ``padding="SAME"`` (TensorFlow's rule) ``W_out = ceil(W / s)``.
 
@@ -263,16 +296,20 @@ def Conv1D(
       padding: ``"VALID"`` (none), ``"SAME"`` (any case), an int ``p`` (``p``
         zeros on both sides, as PyTorch's ``padding=p``) or ``((lo, hi),)``.
       dilation: the spacing ``d`` between kernel taps.
+      groups: the number of channel groups ``g`` (default 1); ``C_in`` and
+        ``filters`` must be multiples of it. ``groups == C_in`` is a depthwise
+        convolution (``filters = m * C_in``: ``m`` filters per input channel).
       use_bias: whether to add a bias.
       kernel_init, bias_init: initializers (default Glorot uniform, zeros).
       dtype: the parameter dtype (default: the input's floating dtype).
       name: an explicit layer name (default stem ``"conv1d"``).
 
-    Parameters: ``kernel`` ``(k, C_in, filters)`` (WIO; from PyTorch's
-    ``Conv1d.weight``: ``w.permute(2, 1, 0)``) and ``bias`` ``(filters,)``.
+    Parameters: ``kernel`` ``(k, C_in // groups, filters)`` (WIO; from PyTorch's
+    ``Conv1d.weight``, ``(C_out, C_in // groups, k)``: ``w.permute(2, 1, 0)``) and
+    ``bias`` ``(filters,)``.
     """
     return _conv("Conv1D", 1, filters, kernel_size, strides, padding, dilation, use_bias,
-                 kernel_init, bias_init, dtype, name)
+                 kernel_init, bias_init, dtype, name, groups)
 
 
 def Conv2D(
@@ -282,6 +319,7 @@ def Conv2D(
     strides: int | tuple[int, int] = 1,
     padding: PaddingLike = "VALID",
     dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
     use_bias: bool = True,
     kernel_init: initializers.Initializer | None = None,
     bias_init: initializers.Initializer | None = None,
@@ -301,6 +339,12 @@ def Conv2D(
         y[n, i, j, o] = bias[o] + sum_{p < kh, q < kw, c < C_in}
                         x_pad[n, i*sh + p*dh, j*sw + q*dw, c] * kernel[p, q, c, o]
 
+    With ``groups = g``, output channel ``o`` sees only the ``C_in // g`` input
+    channels of its group ``G = o // (filters // g)``::
+
+        y[n, i, j, o] = bias[o] + sum_{p < kh, q < kw, c < C_in // g}
+            x_pad[n, i*sh + p*dh, j*sw + q*dw, G * (C_in // g) + c] * kernel[p, q, c, o]
+
     On each spatial axis ``out = floor((size + pad_lo + pad_hi - (k - 1) * d - 1) / s) + 1``;
     with ``padding="SAME"`` (TensorFlow/Keras's rule) ``out = ceil(size / s)``,
     the padding split evenly with any odd element on the high side.
@@ -313,17 +357,26 @@ def Conv2D(
         zeros on every side, as PyTorch's ``padding=p``) or explicit
         ``((top, bottom), (left, right))``.
       dilation: ``(dh, dw)``, the spacing between kernel taps.
+      groups: the number of channel groups ``g`` (default 1); ``C_in`` and
+        ``filters`` must be multiples of it. ``groups == C_in`` is a depthwise
+        convolution (``filters = m * C_in``: ``m`` filters per input channel,
+        Keras' ``DepthwiseConv2D`` with ``depth_multiplier=m``, whose kernel
+        ``(kh, kw, C_in, m)`` reshapes to ``(kh, kw, 1, C_in * m)``).
       use_bias: whether to add a bias.
       kernel_init, bias_init: initializers (default Glorot uniform, zeros).
       dtype: the parameter dtype (default: the input's floating dtype).
       name: an explicit layer name (default stem ``"conv2d"``).
 
-    Parameters: ``kernel`` ``(kh, kw, C_in, filters)`` (HWIO, as in Keras; from
-    PyTorch's ``Conv2d.weight``, OIHW: ``w.permute(2, 3, 1, 0)``) and ``bias``
-    ``(filters,)``.
+    Parameters: ``kernel`` ``(kh, kw, C_in // groups, filters)`` (HWIO, as in
+    Keras; from PyTorch's ``Conv2d.weight``, OIHW ``(C_out, C_in // groups, kh, kw)``:
+    ``w.permute(2, 3, 1, 0)``) and ``bias`` ``(filters,)``.
+
+    ``groups=1`` takes the stride-1 fast path of :mod:`jaxnn.layers._conv_grad`
+    when strides and dilation are 1; ``groups > 1`` runs XLA's grouped convolution
+    (``feature_group_count``) and its derivatives.
     """
     return _conv("Conv2D", 2, filters, kernel_size, strides, padding, dilation, use_bias,
-                 kernel_init, bias_init, dtype, name)
+                 kernel_init, bias_init, dtype, name, groups)
 
 
 __all__ = ["Conv1D", "Conv2D"]
