@@ -1,4 +1,5 @@
-"""Normalisation layers: BatchNorm (with running statistics) and LayerNorm."""
+"""Normalisation layers: BatchNorm (with running statistics), LayerNorm, RMSNorm and
+GroupNorm."""
 
 from __future__ import annotations
 
@@ -272,4 +273,165 @@ def LayerNorm(
     spec_args = [] if axis == -1 else [f"axis={axis}"]
     spec = f"LayerNorm({', '.join(spec_args)})"
     return Layer(name or "layernorm", initialize, forward, spec=spec,
+                 explicit_name=name is not None)
+
+
+def RMSNorm(
+    *,
+    epsilon: float = 1e-6,
+    axis: Axes = -1,
+    use_scale: bool = True,
+    dtype: DTypeLike | None = None,
+    name: str | None = None,
+) -> Layer:
+    """Root-mean-square normalisation: LayerNorm without centring and without offset.
+
+    Shapes: ``x`` is any array; ``y`` has the shape of ``x``. For every position
+    along the axes not in ``axis`` (default: every position but the last axis)::
+
+        y = x / sqrt(mean(x**2 over axis) + epsilon) * scale
+
+    Parameters: ``scale`` of the normalised shape
+    ``S = tuple(x.shape[a] for a in axis)`` (axes in increasing order),
+    initialised to ones; absent when ``use_scale=False``. No state.
+
+    Weight transfer from PyTorch's ``nn.RMSNorm(normalized_shape, eps,
+    elementwise_affine=True)`` (normalising the trailing axes, as ``axis=-1``
+    or ``axis=(-2, -1)`` here): ``scale = weight``. PyTorch's default
+    ``eps=None`` means ``torch.finfo(x.dtype).eps`` (about 1.2e-7 for
+    float32, 2.2e-16 for float64, 7.8e-3 for bfloat16); pass that value as
+    ``epsilon`` to reproduce it exactly. Our default 1e-6 is T5's and Llama's.
+
+    Args:
+      epsilon: added to the mean square before the square root; must be > 0.
+      axis: the axis or tuple of axes to normalise over (negative axes count
+        from the end).
+      use_scale: whether to learn ``scale``.
+      dtype: dtype of the parameters (default: the input's float dtype).
+        Statistics of float16/bfloat16 inputs are computed in float32.
+      name: the layer's name inside a container.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"RMSNorm: epsilon must be > 0, got {epsilon!r}")
+    axes = _as_axes(axis, "RMSNorm")
+
+    def initialize(key, x: jax.ShapeDtypeStruct):
+        del key
+        check_rank(x, "RMSNorm", min_rank=1)
+        check_floating(x, "RMSNorm")
+        feature_axes = _resolve_axes(axes, x, "RMSNorm", name)
+        shape = tuple(x.shape[a] for a in feature_axes)
+        params = {"scale": jnp.ones(shape, param_dtype(x, dtype))} if use_scale else {}
+        return params, {}
+
+    def forward(params, state, x, *, key=None, train=False):
+        del key, train
+        check_floating(x, "RMSNorm")
+        feature_axes = _resolve_axes(axes, x, "RMSNorm", name)
+        scale = params.get("scale")
+        if scale is not None:
+            _check_feature_shape(x, feature_axes, tuple(scale.shape), "RMSNorm", name)
+        xc = x.astype(_compute_dtype(x))
+        mean_square = jnp.mean(jnp.square(xc), axis=feature_axes, keepdims=True)
+        y = xc * jax.lax.rsqrt(mean_square + epsilon)
+        if scale is not None:
+            y = y * _broadcast(scale, x.ndim, feature_axes)
+        return y.astype(x.dtype), state
+
+    spec_args = [] if axis == -1 else [f"axis={axis}"]
+    spec = f"RMSNorm({', '.join(spec_args)})"
+    return Layer(name or "rmsnorm", initialize, forward, spec=spec,
+                 explicit_name=name is not None)
+
+
+def GroupNorm(
+    groups: int,
+    *,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    dtype: DTypeLike | None = None,
+    name: str | None = None,
+) -> Layer:
+    """Group normalisation over channels-last inputs.
+
+    Shapes: ``x`` is ``(batch, ..., C)`` (e.g. NHWC images, ``(batch, time,
+    C)`` sequences or ``(batch, C)``), with ``C`` divisible by ``groups``;
+    ``y`` has the shape of ``x``. The ``C`` channels are split into ``groups``
+    consecutive groups of ``C // groups``. For each example and each group,
+    ``mean`` and the biased variance ``var`` are taken over the group's
+    channels at all positions of the axes between the first and the last, and::
+
+        y = scale * (x - mean) / sqrt(var + epsilon) + offset
+
+    with ``scale`` and ``offset`` per channel. ``groups=1`` normalises each
+    example over all its values (with per-channel ``scale``); ``groups=C`` is
+    instance normalisation. No state; train mode makes no difference.
+
+    Parameters: ``scale`` (C,) initialised to ones (absent when
+    ``use_scale=False``), ``offset`` (C,) zeros (absent when ``use_bias=False``).
+
+    Weight transfer from PyTorch's ``nn.GroupNorm(num_groups, num_channels,
+    eps)``: ``scale = weight``, ``offset = bias``, the same default ``eps``
+    1e-5. PyTorch's inputs are channels-first ``(N, C, *)``: move the channel
+    axis last, ``x = x_torch.movedim(1, -1)`` (NCHW -> NHWC:
+    ``permute(0, 2, 3, 1)``), and move it back on the output,
+    ``y.movedim(-1, 1)``. The groups are the same consecutive channel blocks.
+
+    Args:
+      groups: the number of groups, a positive integer dividing ``C``.
+      epsilon: added to the variance; must be > 0.
+      use_scale, use_bias: whether to learn ``scale`` / ``offset``.
+      dtype: dtype of the parameters (default: the input's float dtype).
+        Statistics of float16/bfloat16 inputs are computed in float32.
+      name: the layer's name inside a container.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"GroupNorm: groups must be a positive integer, got {groups!r}")
+    if not epsilon > 0:
+        raise ValueError(f"GroupNorm: epsilon must be > 0, got {epsilon!r}")
+
+    def check(x) -> int:
+        check_rank(x, "GroupNorm", min_rank=2, layout="(batch, ..., channels)")
+        check_floating(x, "GroupNorm")
+        channels = x.shape[-1]
+        if channels % groups:
+            raise ValueError(
+                f"{_who('GroupNorm', name)}: the number of channels C = {channels} (the last "
+                f"axis of the input of shape {tuple(x.shape)}) is not divisible by "
+                f"groups = {groups}"
+            )
+        return channels
+
+    def initialize(key, x: jax.ShapeDtypeStruct):
+        del key
+        channels = check(x)
+        dt = param_dtype(x, dtype)
+        params = {}
+        if use_scale:
+            params["scale"] = jnp.ones((channels,), dt)
+        if use_bias:
+            params["offset"] = jnp.zeros((channels,), dt)
+        return params, {}
+
+    def forward(params, state, x, *, key=None, train=False):
+        del key, train
+        channels = check(x)
+        known = params.get("scale", params.get("offset"))
+        if known is not None:
+            _check_feature_shape(x, (x.ndim - 1,), tuple(known.shape), "GroupNorm", name)
+        xc = x.astype(_compute_dtype(x))
+        # (N, ..., C) -> (N, ..., groups, C // groups); reduce over all but N and groups.
+        grouped = xc.reshape(*x.shape[:-1], groups, channels // groups)
+        reduce_axes = (*range(1, x.ndim - 1), x.ndim)
+        mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+        var = jnp.var(grouped, axis=reduce_axes, keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)
+        if "scale" in params:
+            y = y * params["scale"]
+        if "offset" in params:
+            y = y + params["offset"]
+        return y.astype(x.dtype), state
+
+    return Layer(name or "groupnorm", initialize, forward, spec=f"GroupNorm({groups})",
                  explicit_name=name is not None)
