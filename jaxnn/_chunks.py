@@ -100,16 +100,20 @@ def default_steps_per_call(model: Layer, params, state, x, batch_size: int) -> i
 
 
 # A loop runs this many steps per iteration when a step is small (about 2 * batch *
-# parameters FLOPs under _SMALL_STEP_FLOPS): faster, for more compile time (RESULTS.md).
+# parameters FLOPs under _SMALL_STEP_FLOPS) and an epoch long (at least
+# _UNROLL_MIN_STEPS steps): faster per step, for about twice the compile time, which
+# only a long epoch earns back (RESULTS.md).
 _SMALL_STEP_UNROLL = 2
-
-
 _SMALL_STEP_FLOPS = 8e6
+_UNROLL_MIN_STEPS = 1024
 
 
-def epoch_unroll(params: Params, batch_size: int) -> int:
+def epoch_unroll(params: Params, batch_size: int, steps: int | None) -> int:
+    """Steps per loop iteration for a model with ``params`` at ``batch_size``, over
+    epochs of ``steps`` steps (None: not known ahead)."""
     count = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
-    return _SMALL_STEP_UNROLL if 2 * batch_size * count < _SMALL_STEP_FLOPS else 1
+    small = 2 * batch_size * count < _SMALL_STEP_FLOPS
+    return _SMALL_STEP_UNROLL if small and (steps or 0) >= _UNROLL_MIN_STEPS else 1
 
 
 def run_steps(step, carry, sums, batch_at, count, *, length=None, unroll=1):

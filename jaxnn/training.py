@@ -189,7 +189,7 @@ def fit(
                                                     opt_state)
     host_memory.prepare_cpu()
     runner = _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
-                     accumulate, parallel, shardings, params, batch_size)
+                     accumulate, parallel, shardings, params, batch_size, source.steps)
 
     def compile_seconds() -> float:
         return runner.compile_seconds + source.compile_seconds
@@ -255,7 +255,7 @@ def fit(
 
 
 def _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute_dtype,
-            accumulate, parallel, shardings, params, batch_size) -> ChunkRunner:
+            accumulate, parallel, shardings, params, batch_size, epoch_steps) -> ChunkRunner:
     """The compiled training programs: a fast step and, to find a NaN/inf, a halting one
     (over a mesh: with the carry kept at ``shardings``)."""
     steps = {variant: make_step(model, loss, optimizer, penalty, metric_fns, value_and_grad,
@@ -265,7 +265,7 @@ def _runner(model, loss, optimizer, penalty, metric_fns, value_and_grad, compute
         steps = {variant: parallel.step(step, shardings) for variant, step in steps.items()}
     steps["halting"] = halting(steps["halting"])
     return ChunkRunner(
-        steps, unroll=epoch_unroll(params, batch_size * accumulate),
+        steps, unroll=epoch_unroll(params, batch_size * accumulate, epoch_steps),
         wait_each_call=parallel is not None and all(
             d.platform == "cpu" for d in parallel.mesh.devices.flat),
         replicated=None if parallel is None else parallel.replicated)
