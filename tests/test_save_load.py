@@ -14,6 +14,7 @@ import pytest
 import jaxnn
 from jaxnn import checkpoint
 from jaxnn.checkpoint import CheckpointError, read_manifest, restore_checkpoint, save_checkpoint
+from jaxnn.layers._conv_transpose import Conv2DTranspose
 
 BF16 = jnp.bfloat16
 _rng = np.random.default_rng(0)
@@ -35,6 +36,10 @@ CASES = [
     ("dense_bf16", jaxnn.Dense(4, dtype=BF16), VECTORS),
     ("conv1d", jaxnn.Conv1D(4, 3), SERIES),
     ("conv2d", jaxnn.Conv2D(4, 3, padding="SAME"), IMAGES),
+    ("conv2d_groups", jaxnn.Sequential([jaxnn.Conv2D(4, 1), jaxnn.Conv2D(6, 3, groups=2)]),
+     IMAGES),
+    ("depthwise_conv2d", jaxnn.Conv2D(6, 3, groups=3, padding="SAME"), IMAGES),
+    ("conv2d_transpose", Conv2DTranspose(4, 3, strides=2, padding=1, output_padding=1), IMAGES),
     ("batchnorm", jaxnn.BatchNorm(), IMAGES),
     ("layernorm", jaxnn.LayerNorm(), SERIES),
     ("embedding", jaxnn.Embedding(7, 4), TOKENS),
