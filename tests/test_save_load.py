@@ -14,7 +14,9 @@ import pytest
 import jaxnn
 from jaxnn import checkpoint
 from jaxnn.checkpoint import CheckpointError, read_manifest, restore_checkpoint, save_checkpoint
+from jaxnn.layers._bidirectional import Bidirectional
 from jaxnn.layers._conv_transpose import Conv2DTranspose
+from jaxnn.layers._norm import GroupNorm, RMSNorm
 
 BF16 = jnp.bfloat16
 _rng = np.random.default_rng(0)
@@ -42,10 +44,13 @@ CASES = [
     ("conv2d_transpose", Conv2DTranspose(4, 3, strides=2, padding=1, output_padding=1), IMAGES),
     ("batchnorm", jaxnn.BatchNorm(), IMAGES),
     ("layernorm", jaxnn.LayerNorm(), SERIES),
+    ("rmsnorm", RMSNorm(), SERIES),
+    ("groupnorm", GroupNorm(3), IMAGES),
     ("embedding", jaxnn.Embedding(7, 4), TOKENS),
     ("simple_rnn", jaxnn.SimpleRNN(4), SERIES),
     ("lstm", jaxnn.LSTM(4, return_sequences=True), SERIES),
     ("gru", jaxnn.GRU(4), SERIES),
+    ("bidirectional_lstm", Bidirectional(jaxnn.LSTM(4, return_sequences=True)), SERIES),
     ("dropout", jaxnn.Dropout(0.5), VECTORS),
     ("max_pool", jaxnn.MaxPool(2), IMAGES),
     ("avg_pool", jaxnn.AvgPool(2), IMAGES),
