@@ -214,29 +214,32 @@ def test_errors(key):
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                       jax.eval_shape(layer.init, key, x))
 
+    def trace(layer, params, x, **kw):  # errors are raised while tracing: nothing compiles
+        return jax.eval_shape(lambda p, x: layer.forward(p, {}, x, **kw), params, x)
+
     mixed = Bidirectional(LSTM(3, return_sequences=True), backward_layer=LSTM(3))
     with pytest.raises(ValueError, match=r"must agree on return_sequences and return_state.*"
                                          r"\(2, 4, 3\) and \(2, 3\)"):
-        mixed.forward(params_of(mixed), {}, x)
+        trace(mixed, params_of(mixed), x)
     uneven = Bidirectional(GRU(3), backward_layer=GRU(2), merge="sum")
     with pytest.raises(ValueError, match=r"merge='sum' needs .* same shape, got \(2, 3\) "
                                          r"\(forward\) and \(2, 2\) \(backward\)"):
-        uneven.forward(params_of(uneven), {}, x)
+        trace(uneven, params_of(uneven), x)
     layer = Bidirectional(LSTM(3))
     params = params_of(layer)
     with pytest.raises(ValueError, match=r"Bidirectional layer.*lengths must have shape "
                                          r"\(batch,\) = \(2,\)"):
-        layer.forward(params, {}, x, lengths=jnp.array([1, 2, 3]))
+        trace(layer, params, x, lengths=jnp.array([1, 2, 3]))
     with pytest.raises(TypeError, match=r"initial_state must be the pair \(forward_initial, "
                                         "backward_initial\\)"):
-        layer.forward(params, {}, x, initial_state=jnp.zeros((2, 3)))
+        trace(layer, params, x, initial_state=jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"Bidirectional layer.*rank 3 \(batch, time, "
                                          r"features\).*\(4, 3\)"):
         layer.init(key, x[0])
     # Errors inside a direction name it.
     net = Sequential([layer])
     with pytest.raises(ValueError, match=r"LSTM layer 'bidirectional_0/forward'.*features\) 3"):
-        net.forward({"bidirectional_0": params}, {}, jnp.zeros((2, 4, 5)))
+        trace(net, {"bidirectional_0": params}, jnp.zeros((2, 4, 5)))
 
 
 # -- optional: PyTorch's bidirectional LSTM and GRU with copied weights -------------------
