@@ -14,9 +14,12 @@ import pytest
 import jaxnn
 from jaxnn import checkpoint
 from jaxnn.checkpoint import CheckpointError, read_manifest, restore_checkpoint, save_checkpoint
+from jaxnn.layers._attention import MultiHeadAttention
 from jaxnn.layers._bidirectional import Bidirectional
 from jaxnn.layers._conv_transpose import Conv2DTranspose
 from jaxnn.layers._norm import GroupNorm, RMSNorm
+from jaxnn.layers._position import PositionEmbedding, SinusoidalPositionEmbedding
+from jaxnn.layers._transformer import TransformerEncoderBlock
 
 BF16 = jnp.bfloat16
 _rng = np.random.default_rng(0)
@@ -58,6 +61,10 @@ CASES = [
     ("avg_pool_1d", jaxnn.AvgPool1D(2), SERIES),
     ("global_avg_pool", jaxnn.GlobalAvgPool(), IMAGES),
     ("global_max_pool", jaxnn.GlobalMaxPool(), IMAGES),
+    ("multi_head_attention", MultiHeadAttention(2, key_size=2, causal=True), SERIES),
+    ("transformer_encoder_block", TransformerEncoderBlock(3, 8), SERIES),
+    ("position_embedding", PositionEmbedding(6), SERIES),
+    ("sinusoidal_position_embedding", SinusoidalPositionEmbedding(), SERIES),
     ("nested_sequential", jaxnn.Sequential([
         jaxnn.Conv2D(4, 3), jaxnn.BatchNorm(), jaxnn.relu, jaxnn.MaxPool(2),
         jaxnn.Sequential([jaxnn.Flatten(), jaxnn.Dense(5, dtype=BF16), jaxnn.Dropout(0.1)]),
