@@ -12,9 +12,17 @@ import jaxnn
 from jaxnn import _sources
 
 LOSS = "sparse_softmax_cross_entropy"
+FEATURES = 64
+# One model, optimizer, batch size and chunk size for every fit below, and 203 training
+# examples for most: their compiled programs (the epoch plan, the training chunk, the
+# validation) are the same XLA programs, compiled once and then loaded from the
+# compilation cache. Dropout: the streamed paths must also hand each step the same key.
+MODEL = jaxnn.Sequential([jaxnn.Dense(16), jaxnn.relu, jaxnn.Dropout(0.3), jaxnn.Dense(4)])
+OPTIMIZER = optax.adam(1e-2)
+BATCH = 8
 
 
-def _data(n, features=12, classes=4, seed=0, dtype=np.float32):
+def _data(n, features=FEATURES, classes=4, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)).astype(dtype)
     w = rng.normal(size=(features, classes))
@@ -22,8 +30,22 @@ def _data(n, features=12, classes=4, seed=0, dtype=np.float32):
     return x, y
 
 
-def _mlp(classes=4):
-    return jaxnn.Sequential([jaxnn.Dense(16), jaxnn.relu, jaxnn.Dense(classes)])
+def _params_like(model, x, seed=0):
+    """Parameters of the structure, shapes and dtypes ``model.init`` gives (traced, not
+    run: the initialisers would compile a program of their own), drawn in numpy."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype),
+        jax.eval_shape(model.init, jax.random.key(0), x[:1]))
+
+
+X, Y = _data(203)
+PARAMS = _params_like(MODEL, X)
+
+
+def _kwargs(**kwargs):
+    return {"loss": LOSS, "optimizer": OPTIMIZER, "key": jax.random.key(3), "epochs": 2,
+            "batch_size": BATCH, "verbose": 0, **kwargs}
 
 
 class Examples:
@@ -57,31 +79,27 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(u, v)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Chunks of 3 steps of 8 examples of 12 float32 and a label (52 bytes): every epoch
+    """Chunks of 3 steps of 8 examples of 64 float32 and a label (260 bytes): every epoch
     crosses many chunks and may end with a padded one."""
-    monkeypatch.setattr(_sources, "CHUNK_BYTES", 3 * 8 * 52)
+    monkeypatch.setattr(_sources, "CHUNK_BYTES", 3 * BATCH * (4 * FEATURES + 4))
 
 
-def test_host_arrays_memmap_and_source_equal_the_device_path_bit_for_bit(small_chunks,
-                                                                          tmp_path):
+def test_host_arrays_memmap_and_source_equal_the_device_path_bit_for_bit(tmp_path):
     # 203 examples in batches of 8: 26 steps, the last with 3 real rows; 8 chunks of 3
     # steps and a last one of 2 (padded to 3 steps of weight 0).
-    x, y = _data(203)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(3), epochs=2,
-                  batch_size=8, verbose=0)
-    device = jaxnn.fit(model, params, x, y, feed="device", **kwargs)
-    np.save(tmp_path / "x.npy", x)
+    device = jaxnn.fit(MODEL, PARAMS, X, Y, feed="device", **_kwargs())
+    np.save(tmp_path / "x.npy", X)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
     runs = {
-        "host": jaxnn.fit(model, params, x, y, feed="host", **kwargs),
-        "memmap": jaxnn.fit(model, params, mapped, y, **kwargs),  # a memmap stays on the host
-        "source": jaxnn.fit(model, params, Examples(x, y), **kwargs),
-        "source, item by item": jaxnn.fit(model, params, Examples(x, y, batched=False),
-                                          **kwargs),
+        "host": jaxnn.fit(MODEL, PARAMS, X, Y, feed="host", **_kwargs()),
+        "jax arrays, host": jaxnn.fit(MODEL, PARAMS, jnp.asarray(X), jnp.asarray(Y),
+                                      feed="host", **_kwargs()),
+        "memmap": jaxnn.fit(MODEL, PARAMS, mapped, Y, **_kwargs()),  # stays on the host
+        "source": jaxnn.fit(MODEL, PARAMS, Examples(X, Y), **_kwargs()),
+        "source, item by item": jaxnn.fit(MODEL, PARAMS, Examples(X, Y, batched=False),
+                                          **_kwargs()),
     }
     for name, run in runs.items():
         _assert_identical((run.params, run.opt_state), (device.params, device.opt_state))
@@ -89,28 +107,21 @@ def test_host_arrays_memmap_and_source_equal_the_device_path_bit_for_bit(small_c
         np.testing.assert_allclose(run.history["loss"], device.history["loss"], rtol=1e-6)
 
 
-def test_streamed_resume_equals_an_uninterrupted_run(small_chunks):
-    x, y = _data(150)
-    model = jaxnn.Sequential([jaxnn.Dense(16), jaxnn.relu, jaxnn.Dropout(0.3), jaxnn.Dense(4)])
-    params = model.init(jax.random.key(0), x[:1])
-    source = Examples(x, y)
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(5), batch_size=8,
-                  verbose=0)
-    whole = jaxnn.fit(model, params, source, epochs=3, **kwargs)
-    first = jaxnn.fit(model, params, source, epochs=1, **kwargs)
-    resumed = jaxnn.fit(model, first.params, source, epochs=3, initial_epoch=first.epoch,
-                        opt_state=first.opt_state, **kwargs)
+def test_streamed_resume_equals_an_uninterrupted_run():
+    source = Examples(X, Y)
+    kwargs = _kwargs(key=jax.random.key(5))
+    whole = jaxnn.fit(MODEL, PARAMS, source, **{**kwargs, "epochs": 3})
+    first = jaxnn.fit(MODEL, PARAMS, source, **{**kwargs, "epochs": 1})
+    resumed = jaxnn.fit(MODEL, first.params, source, initial_epoch=first.epoch,
+                        opt_state=first.opt_state, **{**kwargs, "epochs": 3})
     _assert_identical((resumed.params, resumed.opt_state), (whole.params, whole.opt_state))
 
 
-def test_the_device_never_holds_the_whole_dataset(monkeypatch):
+def test_the_device_never_holds_the_whole_dataset():
     # 4,000 examples of 64 float32 (1 MB) in chunks of 3 steps of 8: while fit trains,
     # the arrays alive on the device grow by a few chunks, the plan and the model only.
-    x, y = _data(4000, features=64)
+    x, y = _data(4000)
     example = x[0].nbytes + y[0].nbytes
-    monkeypatch.setattr(_sources, "CHUNK_BYTES", 3 * 8 * example)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
     source = Examples(x, y)
     seen = []
 
@@ -119,11 +130,10 @@ def test_the_device_never_holds_the_whole_dataset(monkeypatch):
 
     source.on_read = live_bytes
     before = sum(a.nbytes for a in jax.live_arrays())
-    jaxnn.fit(model, params, source, loss=LOSS, optimizer=optax.adam(1e-3),
-              key=jax.random.key(0), epochs=1, batch_size=8, verbose=0)
+    jaxnn.fit(MODEL, PARAMS, source, **_kwargs(epochs=1))
     # the first example, read to check the source, then every chunk of the 500 steps
     assert len(seen) == 1 + -(-500 // 3)
-    model_bytes = 3 * sum(a.nbytes for a in jax.tree_util.tree_leaves(params))  # and Adam's
+    model_bytes = 3 * sum(a.nbytes for a in jax.tree_util.tree_leaves(PARAMS))  # and Adam's
     plan = 4000 * (4 + 4) + 501 * 8  # the epoch plan: indices, weights, step keys
     chunk = 3 * 8 * (example + 4) + 3 * 8  # examples, weights, keys
     # the carry and the epoch's starting copy, the plan, at most 6 chunks (2 running or
@@ -133,139 +143,123 @@ def test_the_device_never_holds_the_whole_dataset(monkeypatch):
 
 
 def test_host_path_checks_labels_and_source_items():
-    x, y = _data(40)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(0), verbose=0,
-                  batch_size=8)
-    bad = y.copy()
-    bad[37] = 9
-    with pytest.raises(ValueError, match=r"label 9 at example 37 .* 4 classes"):
-        jaxnn.fit(model, params, Examples(x, bad), **kwargs)
+    kwargs = _kwargs(epochs=1)
+    bad = Y.copy()
+    bad[197] = 9
+    with pytest.raises(ValueError, match=r"label 9 at example 197 .* 4 classes"):
+        jaxnn.fit(MODEL, PARAMS, Examples(X, bad), **kwargs)
 
     class Images(Examples):
         def __getitems__(self, indices):
             return [self.x[i] for i in indices]
 
     with pytest.raises(TypeError, match=r"\(x, y\) pairs"):
-        jaxnn.fit(model, params, Images(x, y), **kwargs)
+        jaxnn.fit(MODEL, PARAMS, Images(X, Y), **kwargs)
     with pytest.raises(ValueError, match="feed='device' needs in-memory arrays"):
-        jaxnn.fit(model, params, Examples(x, y), feed="device", **kwargs)
+        jaxnn.fit(MODEL, PARAMS, Examples(X, Y), feed="device", **kwargs)
     with pytest.raises(ValueError, match="feed must be"):
-        jaxnn.fit(model, params, x, y, feed="disk", **kwargs)
+        jaxnn.fit(MODEL, PARAMS, X, Y, feed="disk", **kwargs)
     with pytest.raises(ValueError, match="validation_split needs in-memory arrays"):
-        jaxnn.fit(model, params, Examples(x, y), validation_split=0.2, **kwargs)
+        jaxnn.fit(MODEL, PARAMS, Examples(X, Y), validation_split=0.2, **kwargs)
 
 
 def test_an_error_in_the_source_reaches_the_caller():
-    x, y = _data(64)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
-
     class Failing(Examples):
+        reads = 0
+
         def __getitems__(self, indices):
-            if max(indices) >= 32:
+            # the first example (the check), the first chunk; then the disk goes
+            self.reads += 1
+            if self.reads > 2:
                 raise OSError("disk gone")
             return super().__getitems__(indices)
 
     with pytest.raises(OSError, match="disk gone"):
-        jaxnn.fit(model, params, Failing(x, y), loss=LOSS, optimizer=optax.adam(1e-2),
-                  key=jax.random.key(0), batch_size=8, verbose=0, shuffle=False)
+        jaxnn.fit(MODEL, PARAMS, Failing(X, Y), **_kwargs(epochs=1))
 
 
-@pytest.mark.parametrize("feed", ["device", "host"])
-def test_accumulation_equals_one_step_on_the_large_batch(x64, feed):
-    # accumulate=4 micro-batches of 6 = one Adam step on 24 examples, in float64; 100
-    # examples: 5 steps, the last of 4 real examples (micro-batches of padding add nothing).
-    x, y = _data(100, dtype=np.float64)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
+def test_accumulation_equals_one_step_on_the_large_batch(x64):
+    # accumulate=4 micro-batches of 6 = one Adam step on 24 examples, in float64, on the
+    # device and streamed from the host (chunks of 2 steps); 100 examples: 5 steps, the
+    # last of 4 real examples (micro-batches of padding add nothing).
+    x, y = _data(100, features=12, dtype=np.float64)
+    model = jaxnn.Sequential([jaxnn.Dense(16), jaxnn.relu, jaxnn.Dense(4)])
+    params = _params_like(model, x)
     kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(2), epochs=2,
-                  verbose=0, penalty=jaxnn.regularizers.l2(1e-3), feed=feed)
-    large = jaxnn.fit(model, params, x, y, batch_size=24, **kwargs)
-    accumulated = jaxnn.fit(model, params, x, y, batch_size=6, accumulate=4, **kwargs)
-    for a, b in zip(_leaves(accumulated.params), _leaves(large.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(accumulated.history["loss"], large.history["loss"], rtol=1e-12)
-    np.testing.assert_allclose(accumulated.history["accuracy"], large.history["accuracy"])
-    assert int(accumulated.opt_state[0].count) == 2 * 5  # one update per large batch
+                  verbose=0, penalty=jaxnn.regularizers.l2(1e-3))
+    large = jaxnn.fit(model, params, x, y, batch_size=24, feed="device", **kwargs)
+    for feed in ("device", "host"):
+        accumulated = jaxnn.fit(model, params, x, y, batch_size=6, accumulate=4, feed=feed,
+                                **kwargs)
+        for a, b in zip(_leaves(accumulated.params), _leaves(large.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13, err_msg=feed)
+        np.testing.assert_allclose(accumulated.history["loss"], large.history["loss"],
+                                   rtol=1e-12, err_msg=feed)
+        np.testing.assert_allclose(accumulated.history["accuracy"],
+                                   large.history["accuracy"], err_msg=feed)
+        assert int(accumulated.opt_state[0].count) == 2 * 5  # one update per large batch
 
 
 def test_accumulation_checks():
-    x, y = _data(40)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(0), verbose=0)
+    x, y = X[:40], Y[:40]
+    kwargs = _kwargs(epochs=1)
+    del kwargs["batch_size"]
     with pytest.raises(ValueError, match="accumulate must be a positive integer"):
-        jaxnn.fit(model, params, x, y, accumulate=0, **kwargs)
+        jaxnn.fit(MODEL, PARAMS, x, y, accumulate=0, **kwargs)
     with pytest.raises(ValueError, match=r"batch_size \* accumulate = 16 \* 4 = 64"):
-        jaxnn.fit(model, params, x, y, batch_size=16, accumulate=4, **kwargs)
+        jaxnn.fit(MODEL, PARAMS, x, y, batch_size=16, accumulate=4, **kwargs)
     batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
     with pytest.raises(ValueError, match="first batch has 10 examples"):
-        jaxnn.fit(model, params, batches, accumulate=4, **kwargs)
+        jaxnn.fit(MODEL, PARAMS, batches, accumulate=4, **kwargs)
 
 
-def test_memmap_larger_than_a_chunk_trains_like_numpy(tmp_path, small_chunks):
-    # A dict of inputs (two arrays) from memmaps, with a model that takes the dict.
-    x, y = _data(90)
-    model = jaxnn.Sequential([jaxnn.Dense(8), jaxnn.relu, jaxnn.Dense(4)])
-    params = model.init(jax.random.key(0), x[:1])
+def _held_out(seed):
+    """253 examples: validation_split=0.2 holds out the last 50 and trains on 203."""
+    return _data(253, seed=seed)
+
+
+def test_memmap_larger_than_a_chunk_trains_like_numpy(tmp_path):
+    # The training part and the held-out part of a memmap stay on the host.
+    x, y = _held_out(1)
     path = tmp_path / "x.dat"
     mapped = np.memmap(path, np.float32, "w+", shape=x.shape)
     mapped[:] = x
     mapped.flush()
     mapped = np.memmap(path, np.float32, "r", shape=x.shape)
-    kwargs = dict(loss=LOSS, optimizer=optax.sgd(0.1), key=jax.random.key(1), epochs=2,
-                  batch_size=16, verbose=0)
-    a = jaxnn.fit(model, params, mapped, y, validation_split=0.2, **kwargs)
-    b = jaxnn.fit(model, params, x, y, validation_split=0.2, **kwargs)
+    a = jaxnn.fit(MODEL, PARAMS, mapped, y, validation_split=0.2, **_kwargs())
+    b = jaxnn.fit(MODEL, PARAMS, x, y, validation_split=0.2, **_kwargs())
     _assert_identical(a.params, b.params)
     assert a.history["val_loss"] == pytest.approx(b.history["val_loss"], rel=1e-6)
-
-
-def test_jax_arrays_with_feed_host():
-    x, y = _data(48)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=1,
-                  batch_size=16, verbose=0)
-    a = jaxnn.fit(model, params, jnp.asarray(x), jnp.asarray(y), feed="host", **kwargs)
-    b = jaxnn.fit(model, params, x, y, **kwargs)
-    _assert_identical(a.params, b.params)
 
 
 def test_evaluate_predict_and_validation_read_sources_and_memmaps(tmp_path):
     # 2,300 examples in blocks of 1,000 (the last of 300): the same numbers as arrays.
     x, y = _data(2300)
-    model = _mlp()
-    params = model.init(jax.random.key(0), x[:1])
     np.save(tmp_path / "x.npy", x)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    expected = jaxnn.evaluate(model, params, x, y, loss=LOSS)
-    assert jaxnn.evaluate(model, params, Examples(x, y), loss=LOSS) == pytest.approx(
+    expected = jaxnn.evaluate(MODEL, PARAMS, x, y, loss=LOSS)
+    assert jaxnn.evaluate(MODEL, PARAMS, Examples(x, y), loss=LOSS) == pytest.approx(
         expected, rel=1e-6)
-    assert jaxnn.evaluate(model, params, mapped, y, loss=LOSS) == pytest.approx(
+    assert jaxnn.evaluate(MODEL, PARAMS, mapped, y, loss=LOSS) == pytest.approx(
         expected, rel=1e-6)
-    logits = np.asarray(jaxnn.predict(model, params, x))
-    np.testing.assert_allclose(jaxnn.predict(model, params, Examples(x, y)), logits,
+    logits = np.asarray(jaxnn.predict(MODEL, PARAMS, x))
+    np.testing.assert_allclose(jaxnn.predict(MODEL, PARAMS, Examples(x, y)), logits,
                                rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(jaxnn.predict(model, params, mapped, output="classes"),
+    np.testing.assert_array_equal(jaxnn.predict(MODEL, PARAMS, mapped, output="classes"),
                                   logits.argmax(-1))
 
-    kwargs = dict(loss=LOSS, optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=1,
-                  batch_size=64, verbose=0)
-    by_arrays = jaxnn.fit(model, params, x[:2000], y[:2000], validation_data=(x[2000:], y[2000:]),
-                          **kwargs)
-    by_source = jaxnn.fit(model, params, x[:2000], y[:2000],
-                          validation_data=Examples(x[2000:], y[2000:]), **kwargs)
+    x_val, y_val = (a[203:] for a in _held_out(2))  # 50 examples
+    by_arrays = jaxnn.fit(MODEL, PARAMS, X, Y, validation_data=(x_val, y_val), **_kwargs())
+    by_source = jaxnn.fit(MODEL, PARAMS, X, Y, validation_data=Examples(x_val, y_val),
+                          **_kwargs())
     assert by_source.history["val_loss"] == pytest.approx(by_arrays.history["val_loss"],
                                                           rel=1e-6)
 
     bad = y.copy()
     bad[1500] = -1
     with pytest.raises(ValueError, match="label -1 at example 1500"):
-        jaxnn.evaluate(model, params, Examples(x, bad), loss=LOSS)
+        jaxnn.evaluate(MODEL, PARAMS, Examples(x, bad), loss=LOSS)
     broken = x.copy()
     broken[2100, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        jaxnn.evaluate(model, params, Examples(broken, y), loss=LOSS)
+        jaxnn.evaluate(MODEL, PARAMS, Examples(broken, y), loss=LOSS)
