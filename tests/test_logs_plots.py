@@ -26,10 +26,15 @@ def _data(n=40, features=5, classes=3, seed=0):
 def _fit(callbacks, epochs=3):
     x, y = _data()
     model = jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dense(3)])
-    params = model.init(jax.random.key(0), x)
+    # numpy-drawn params of init's shapes (init would compile a program of its own); no
+    # shuffling (its permutation is a program of its own): the loggers only read the history
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape),
+                                                          s.dtype),
+                                    jax.eval_shape(model.init, jax.random.key(0), x))
     return jaxnn.fit(model, params, x[:30], y[:30], loss="sparse_softmax_cross_entropy",
-                     optimizer=jaxnn.optimizers.adam(1e-2), key=jax.random.key(1),
-                     epochs=epochs, batch_size=8, verbose=0,
+                     optimizer=jaxnn.optimizers.sgd(0.1), key=jax.random.key(1),
+                     epochs=epochs, batch_size=8, verbose=0, shuffle=False,
                      validation_data=(x[30:], y[30:]), callbacks=callbacks)
 
 
