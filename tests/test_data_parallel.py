@@ -38,6 +38,79 @@ def _forced_devices_env(count, *extra_flags):
     return env
 
 
+# The fast tier's check of the same property, on 2 forced CPU devices: data-parallel fit
+# equals single-device fit in float64 (BatchNorm's batch statistics and dropout's masks
+# included), the carry replicated on both devices, each holding half of every batch; and
+# a batch size the devices do not divide is refused. Params and state are drawn in numpy
+# (initialisation would compile a program of its own).
+TWO_DEVICES = """
+import json
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np, optax, jaxnn
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(42, 5))  # 5 batches of 8 and a ragged one of 2
+y = np.argmax(x @ rng.normal(size=(5, 3)), axis=-1).astype(np.int32)
+model = jaxnn.Sequential([jaxnn.Dense(16), jnp.tanh, jaxnn.BatchNorm(), jaxnn.Dropout(0.3),
+                          jaxnn.Dense(3)])
+shapes = jax.eval_shape(model.init_with_state, jax.random.key(0), x[:1])
+params = jax.tree_util.tree_map(lambda s: 0.5 * rng.normal(size=s.shape), shapes[0])
+state = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), shapes[1])
+rows = []  # rows of the batch one device holds, as seen inside the step
+
+
+def loss(predictions, targets, weights):
+    jax.debug.inspect_array_sharding(
+        predictions, callback=lambda s: rows.append(s.shard_shape(predictions.shape)[0]))
+    return jaxnn.losses.sparse_softmax_cross_entropy(predictions, targets, weights=weights)
+
+
+kwargs = dict(state=state, loss=loss, optimizer=optax.adam(1e-2), key=jax.random.key(1),
+              epochs=2, batch_size=8, verbose=0)
+single = jaxnn.fit(model, params, x, y, **kwargs)
+report = {"single_rows": sorted(set(rows))}
+rows.clear()
+split = jaxnn.fit(model, params, x, y, devices=2, **kwargs)
+leaves = jax.tree_util.tree_leaves((split.params, split.state, split.opt_state))
+expected = jax.tree_util.tree_leaves((single.params, single.state, single.opt_state))
+report.update(
+    rows=sorted(set(rows)),
+    max_param_diff=max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                       for a, b in zip(leaves, expected)),
+    max_history_diff=max(abs(a - b) for name in single.history if name != "seconds"
+                         for a, b in zip(split.history[name], single.history[name])),
+    history_keys=sorted(split.history),
+    dtypes=sorted({str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(split.params)}),
+    device_sets=sorted({tuple(sorted(d.id for d in leaf.sharding.device_set))
+                        for leaf in leaves}),
+    fully_replicated=all(leaf.sharding.is_fully_replicated for leaf in leaves))
+try:
+    jaxnn.fit(model, params, x, y, **{**kwargs, "batch_size": 7}, devices=2)
+except ValueError as error:
+    report["error"] = str(error)
+print(json.dumps(report))
+"""
+
+
+def test_fit_over_2_cpu_devices_equals_single_device_fit():
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=_forced_devices_env(2),
+                          capture_output=True, text=True, timeout=600, cwd=WORKER.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["single_rows"] == [8] and report["rows"] == [4], report
+    # float64: the same training up to the order of float additions
+    assert report["max_param_diff"] < 1e-10, report
+    assert report["max_history_diff"] < 1e-10, report
+    assert report["history_keys"] == ["accuracy", "loss", "seconds"]
+    assert report["dtypes"] == ["float64"]
+    assert report["device_sets"] == [[0, 1]] and report["fully_replicated"], report
+    assert "batch_size=7" in report["error"] and "2 devices" in report["error"]
+
+
+# Five float64 fits over 2 and 4 devices (20 s of CPU with a cold compilation cache); the
+# fast tier's test_fit_over_2_cpu_devices_equals_single_device_fit checks the same property.
+@pytest.mark.slow
 def test_fit_over_4_cpu_devices_equals_single_device_fit():
     env = _forced_devices_env(4)
     done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True,
