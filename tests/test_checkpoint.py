@@ -26,12 +26,15 @@ MODEL = jaxnn.Sequential([jaxnn.Dense(4), jaxnn.Dense(2)])
 X = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
 Y = jnp.asarray(np.random.default_rng(1).normal(size=(8, 2)), jnp.float32)
 OPT = optax.adam(1e-2)
-_model_init = jax.jit(lambda key: MODEL.init(key, X))  # one compile instead of eager ops
+_SHAPES = jax.eval_shape(MODEL.init, jax.random.key(0), X)
 
 
 def _init(seed):
-    """Params with a bfloat16 leaf (``temperature``), and a model state."""
-    params = _model_init(jax.random.key(seed))
+    """Params with a bfloat16 leaf (``temperature``), and a model state. Drawn in numpy
+    with init's shapes (init would compile a program of its own)."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape),
+                                                          s.dtype), _SHAPES)
     params["temperature"] = jnp.asarray([1.0, 0.75], jnp.bfloat16)
     state = {"stats": {"mean": jnp.zeros(4), "var": jnp.ones(4)},
              "steps": jnp.zeros((), jnp.int32)}
