@@ -49,8 +49,12 @@ def _prune(folder: pathlib.Path, limit: int) -> None:
 
 
 _WANTED = os.environ.get("JAXNN_TEST_COMPILATION_CACHE", "")
-_KEEP_CACHE = _WANTED != "fresh"
-if not _KEEP_CACHE:
+# pytest-xdist's workers inherit the folder their controller chose (and own nothing).
+_INHERITED = "PYTEST_XDIST_WORKER" in os.environ and "JAX_COMPILATION_CACHE_DIR" in os.environ
+_KEEP_CACHE = _WANTED != "fresh" or _INHERITED
+if _INHERITED:
+    _COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+elif not _KEEP_CACHE:
     _COMPILATION_CACHE = tempfile.mkdtemp(prefix="jaxnn-tests-xla-cache-")
 else:
     _COMPILATION_CACHE = str(pathlib.Path(_WANTED).expanduser() if _WANTED
