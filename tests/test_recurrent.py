@@ -124,9 +124,20 @@ def test_layer_matches_numpy_loop(x64, kind):
     x = _random_input((n_batch, n_time, features))
     make = FACTORIES[kind]
 
+    lengths = np.array([5, 2, 0])
+    last, full = make(units), make(units, return_sequences=True, return_state=True)
+
+    @jax.jit  # the four calls in one compiled program
+    def run(p, x, lengths_array):
+        return (last.apply(p, x), full.apply(p, x),
+                last.apply(p, x, lengths=lengths.tolist()),  # a list is accepted too
+                full.apply(p, x, lengths=lengths_array))
+
+    got_h, (seq, carry), got_h_masked, (seq_masked, carry_masked) = run(
+        p, x, jnp.asarray(lengths))
+
     ys, h, c = _ref_run(kind, p, x)
-    _close(make(units).apply(p, x), h)
-    seq, carry = make(units, return_sequences=True, return_state=True).apply(p, x)
+    _close(got_h, h)
     _close(seq, ys)
     if kind == "lstm":
         _close(carry[0], h)
@@ -134,12 +145,10 @@ def test_layer_matches_numpy_loop(x64, kind):
     else:
         _close(carry, h)
 
-    lengths = np.array([5, 2, 0])
     mask = np.arange(n_time)[None, :] < lengths[:, None]
     ys, h, c = _ref_run(kind, p, x, mask=mask)
-    _close(make(units).apply(p, x, lengths=lengths.tolist()), h)  # a list is accepted too
-    seq, carry = make(units, return_sequences=True, return_state=True).apply(
-        p, x, lengths=jnp.asarray(lengths))
+    _close(got_h_masked, h)
+    seq, carry = seq_masked, carry_masked
     _close(seq, ys)
     assert np.all(np.asarray(seq)[1, 2:] == 0) and np.all(np.asarray(seq)[2] == 0)
     if kind == "lstm":
@@ -207,14 +216,15 @@ def _shapes(layer, x, key):
 
 def test_initial_parameters(key):
     x = jnp.zeros((2, 3, 5), jnp.float32)
-    lstm = LSTM(4).init(key, x)
+    # both initialisations in one compiled program
+    lstm, no_forget_bias = jax.jit(lambda key: (
+        LSTM(4).init(key, x), LSTM(4, unit_forget_bias=False).init(key, x)))(key)
     assert {k: (v.shape, v.dtype) for k, v in lstm.items()} == {
         "kernel": ((5, 16), jnp.float32), "recurrent_kernel": ((4, 16), jnp.float32),
         "bias": ((16,), jnp.float32)}
     want_bias = np.concatenate([np.zeros(4), np.ones(4), np.zeros(8)])
     np.testing.assert_array_equal(lstm["bias"], want_bias)
-    np.testing.assert_array_equal(LSTM(4, unit_forget_bias=False).init(key, x)["bias"],
-                                  np.zeros(16))
+    np.testing.assert_array_equal(no_forget_bias["bias"], np.zeros(16))
     u = np.asarray(lstm["recurrent_kernel"], np.float64)
     np.testing.assert_allclose(u @ u.T, np.eye(4), atol=1e-5)  # orthogonal rows
     limit = np.sqrt(6.0 / (5 + 16))  # Glorot uniform on (F, 4u)
@@ -237,22 +247,28 @@ def test_param_dtype_follows_input(x64, key):
 # -- gradients and transformations ---------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradients_match_finite_differences(x64, kind):
+def test_gradients_match_finite_differences(x64):
+    # The three kinds in one check (one program for the loss, one for its gradient), each
+    # with parameters and an input of its own: an error per leaf, per kind.
     n_batch, n_time, features, units = 2, 3, 3, 4
-    p = _random_params(kind, features, units, seed=13)
-    x = _random_input((n_batch, n_time, features), seed=14)
     weights = _random_input((n_batch, n_time, units), seed=15)
     lengths = jnp.array([3, 2])
-    layer = FACTORIES[kind](units, return_sequences=True, return_state=True)
+    layers = {kind: FACTORIES[kind](units, return_sequences=True, return_state=True)
+              for kind in KINDS}
+    tree = {kind: {"params": _random_params(kind, features, units, seed=13),
+                   "x": _random_input((n_batch, n_time, features), seed=14)} for kind in KINDS}
 
     @jax.jit
     def loss(tree):
-        seq, carry = layer.apply(tree["params"], tree["x"], lengths=lengths)
-        last = carry[1] if kind == "lstm" else carry  # LSTM: also through c
-        return jnp.sum(seq * weights) + jnp.sum(jnp.sin(last))
+        total = 0.0
+        for kind, layer in layers.items():
+            seq, carry = layer.apply(tree[kind]["params"], tree[kind]["x"], lengths=lengths)
+            last = carry[1] if kind == "lstm" else carry  # LSTM: also through c
+            total = total + jnp.sum(seq * weights) + jnp.sum(jnp.sin(last))
+        return total
 
-    errors = check_grads(loss, {"params": p, "x": x}, max_coords=24)
+    errors = check_grads(loss, tree, max_coords=24)
+    assert len(errors) == 3 + 3 + 4 + 3  # every parameter of each kind, and each input
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -297,15 +313,15 @@ def _dot_counts(jaxpr):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("placement, counts", [("all_at_once", (1, 1)), ("each_step", (0, 2))])
-def test_input_projection_placement(kind, placement, counts, key):
+def test_input_projection_placement(kind, key):
     # All at once (GPU/TPU): one matmul before the scan, only h @ recurrent_kernel inside.
     # Each step (CPU): x_t @ kernel inside the scan as well. Both give the same values.
     # Inputs and parameters from numpy (initialisation is tested above; here it would
     # only compile its programs again for each kind).
     x = jnp.asarray(np.random.default_rng(18).normal(size=(2, 6, 3)), jnp.float32)
     by_backend = FACTORIES[kind](4, return_sequences=True)
-    fixed = FACTORIES[kind](4, return_sequences=True, projection=placement)
+    fixed = {placement: FACTORIES[kind](4, return_sequences=True, projection=placement)
+             for placement in ("all_at_once", "each_step")}
     params = {k: v.astype(jnp.float32) for k, v in _random_params(kind, 3, 4, seed=18).items()}
     assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
         jnp.shape, jax.eval_shape(by_backend.init, key, x))
@@ -313,9 +329,13 @@ def test_input_projection_placement(kind, placement, counts, key):
     def run(layer):
         return lambda p, x: layer.apply(p, x, lengths=jnp.array([6, 2]))
 
-    assert _dot_counts(jax.make_jaxpr(run(fixed))(params, x).jaxpr) == counts
-    np.testing.assert_allclose(jax.jit(run(fixed))(params, x),
-                               jax.jit(run(by_backend))(params, x), rtol=1e-5, atol=1e-6)
+    for placement, counts in (("all_at_once", (1, 1)), ("each_step", (0, 2))):
+        assert _dot_counts(jax.make_jaxpr(run(fixed[placement]))(params, x).jaxpr) == counts
+    # the three in one compiled program
+    outputs = jax.jit(lambda p, x: [run(layer)(p, x) for layer in (by_backend, *fixed.values())])(
+        params, x)
+    for got in outputs[1:]:
+        np.testing.assert_allclose(got, outputs[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
