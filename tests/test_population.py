@@ -26,8 +26,8 @@ def test_each_member_equals_fit_alone(x64, shared_key):
     train_key = jax.random.key(1)
     train_keys = [train_key] * K if shared_key else jax.random.split(train_key, K)
     params = init_many(model, init_keys, x[:1])
-    lrs = jnp.array([1e-3, 1e-2, 3e-2])
-    l2s = jnp.array([0.0, 1e-3, 1e-2])
+    lrs = np.array([1e-3, 1e-2, 3e-2])  # numpy: indexed below without compiling a program
+    l2s = np.array([0.0, 1e-3, 1e-2])
     base_l2 = jaxnn.regularizers.l2(1.0)
     result = fit_many(
         model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
@@ -49,7 +49,7 @@ def test_each_member_equals_fit_alone(x64, shared_key):
             penalty=jaxnn.regularizers.l2(float(l2s[k])), key=train_keys[k], epochs=2,
             batch_size=16, validation_data=(x, y), verbose=0,
         )
-        member = jax.tree_util.tree_map(lambda a, k=k: a[k], result.params)
+        member = jax.tree_util.tree_map(lambda a, k=k: np.asarray(a)[k], result.params)
         for got, want in zip(jax.tree_util.tree_leaves(member),
                              jax.tree_util.tree_leaves(alone.params)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -61,7 +61,11 @@ def test_each_member_equals_fit_alone(x64, shared_key):
 def test_population_size_mismatch_is_explained():
     x, y = _data()
     model = jaxnn.Sequential([jaxnn.Dense(3)])
-    params = init_many(model, jax.random.split(jax.random.key(0), 4), x[:1].astype(np.float32))
+    # Four members' params, zeros in init_many's layout (traced, not compiled: the check
+    # runs before anything is)
+    shapes = jax.eval_shape(lambda keys: init_many(model, keys, x[:1].astype(np.float32)),
+                            jax.random.split(jax.random.key(0), 4))
+    params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     with pytest.raises(ValueError, match="same leading population axis.*key: 3"):
         fit_many(model, params, x.astype(np.float32), y,
                  loss=jaxnn.losses.sparse_softmax_cross_entropy,

@@ -1,4 +1,10 @@
-"""fit / evaluate / predict against a plain optax loop written here."""
+"""fit / evaluate / predict against a plain optax loop written here.
+
+Most fits here train the same float64 model on the same 50 examples with the same
+optimizer, penalty and batch size: one training program, compiled once and loaded from
+the compilation cache by the other tests (they differ in what is checked, not in the
+program).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,49 @@ def _model():
     return jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dense(3)])
 
 
+def _init(model, x, seed=0):
+    """Params in ``model.init``'s layout (traced, not run: an init compiles a program of its
+    own), drawn by numpy: kernels normal / sqrt(fan-in), biases small."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        if len(s.shape) < 2:
+            return jnp.asarray(np.asarray(0.1 * rng.normal(size=s.shape), s.dtype))
+        fan_in = int(np.prod(s.shape[:-1]))
+        return jnp.asarray(np.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype))
+
+    return jax.tree_util.tree_map(draw, shapes)
+
+
+def _np_logits(params, x):
+    """The float64 numpy forward pass of :func:`_model`."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    h = np.tanh(np.asarray(x, np.float64) @ p["dense_0"]["kernel"] + p["dense_0"]["bias"])
+    return h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]
+
+
+def _np_log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+# The common training setup (float64): adam(1e-2), an L2 penalty, batches of 16 from 50
+# examples (3 full batches and one of 2).
+L2 = 1e-3
+COMMON = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, batch_size=16, verbose=0)
+
+
+def _common_fit(model, params, x, y, **kwargs):
+    return fit(model, params, x, y, **{"optimizer": optax.adam(1e-2),
+                                       "penalty": jaxnn.regularizers.l2(L2), **COMMON,
+                                       **kwargs})
+
+
+def _np_l2(params):
+    return L2 * sum(np.sum(np.asarray(params[k]["kernel"]) ** 2) for k in params)
+
+
 def _reference_loop(model, params, x, y, batch_size, epochs, optimizer, l2=0.0):
     """The textbook loop: in-order batches, the last one short, mean loss per batch."""
 
@@ -31,25 +80,36 @@ def _reference_loop(model, params, x, y, batch_size, epochs, optimizer, l2=0.0):
         return ce + l2 * sum(jnp.sum(p[k]["kernel"] ** 2) for k in p)
 
     grad = jax.jit(jax.grad(objective))
-    opt_state = optimizer.init(params)
+
+    @jax.jit  # optax's update, one program (op by op, each operation compiles its own)
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = jax.jit(optimizer.init)(params)
     for _ in range(epochs):
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            grads = grad(params, xb, yb)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state = update(grad(params, xb, yb), opt_state, params)
     return params
+
+
+def _assert_trees_close(got, want, rtol=1e-9, atol=1e-12):
+    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
 def plain_loop_case():
-    """The data, initial params and the plain loop's result, computed once for the three
-    steps_per_call cases below (the loop runs op by op; it does not depend on the case)."""
+    """The data, initial params and the plain loop's result (3 epochs of the common setup,
+    unshuffled), computed once for the tests below that compare fit with it."""
     with jax.enable_x64(True):
         x, y = _data(n=50)  # batch 16: 3 full batches and one of 2
         model = _model()
-        params = model.init(jax.random.key(0), x)
-        expected = _reference_loop(model, params, x, y, 16, 3, optax.adam(1e-2), l2=1e-3)
+        params = _init(model, x)
+        expected = _reference_loop(model, params, x, y, 16, 3, optax.adam(1e-2), l2=L2)
     return x, y, model, params, expected
 
 
@@ -58,67 +118,56 @@ def plain_loop_case():
 @pytest.mark.parametrize("steps_per_call", [None, 1, 3])
 def test_fit_equals_plain_loop_with_short_last_batch(x64, plain_loop_case, steps_per_call):
     x, y, model, params, expected = plain_loop_case
-    result = fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-                 optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=3,
-                 batch_size=16, shuffle=False, steps_per_call=steps_per_call, verbose=0,
-                 penalty=jaxnn.regularizers.l2(1e-3))
-    for got, want in zip(jax.tree_util.tree_leaves(result.params),
-                         jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    result = _common_fit(model, params, x, y, key=jax.random.key(1), epochs=3, shuffle=False,
+                         steps_per_call=steps_per_call)
+    _assert_trees_close(result.params, expected)
     assert result.epoch == 3 and len(result.history["loss"]) == 3
 
 
-def test_fit_with_our_adam_equals_optax_adam(x64):
-    x, y = _data(n=40)
-    model = _model()
-    params = model.init(jax.random.key(0), x)
-    kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, key=jax.random.key(3),
-                  epochs=2, batch_size=8, verbose=0)
-    ours = fit(model, params, x, y, optimizer=jaxnn.optimizers.adam(1e-2), **kwargs)
-    theirs = fit(model, params, x, y, optimizer=optax.adam(1e-2), **kwargs)
-    for a, b in zip(jax.tree_util.tree_leaves(ours.params),
-                    jax.tree_util.tree_leaves(theirs.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+def test_fit_with_our_adam_equals_optax_adam(x64, plain_loop_case):
+    # jaxnn's adam in fit against optax's adam in the plain loop
+    x, y, model, params, expected = plain_loop_case
+    ours = _common_fit(model, params, x, y, optimizer=jaxnn.optimizers.adam(1e-2),
+                       key=jax.random.key(3), epochs=3, shuffle=False)
+    _assert_trees_close(ours.params, expected)
 
 
-def test_shuffling_is_deterministic_per_key():
-    x, y = _data(n=64)
-    model = _model()
-    params = model.init(jax.random.key(0), x.astype(np.float32))
-    run = lambda k: fit(model, params, x.astype(np.float32), y,
-                        loss=jaxnn.losses.sparse_softmax_cross_entropy,
-                        optimizer=optax.sgd(0.1), key=jax.random.key(k), epochs=1,
-                        batch_size=8, verbose=0).params["dense_0"]["kernel"]
+def test_shuffling_is_deterministic_per_key(x64, plain_loop_case):
+    x, y, model, params, _ = plain_loop_case
+    run = lambda k: _common_fit(model, params, x, y, key=jax.random.key(k),
+                                epochs=1).params["dense_0"]["kernel"]
     first = run(5)
     np.testing.assert_array_equal(first, run(5))
     assert not np.allclose(first, run(6))
 
 
-def test_history_matches_evaluate_and_validation():
-    x, y = _data(n=60)
-    x = x.astype(np.float32)
+def test_history_matches_evaluate_and_validation(x64):
+    # 60 examples, the last 10 held out: the 50 left train in the common program
+    x, y = _data(n=60, seed=1)
     model = _model()
-    params = model.init(jax.random.key(0), x)
-    result = fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-                 optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=2,
-                 batch_size=16, validation_split=0.25, verbose=0)
+    params = _init(model, x)
+    result = _common_fit(model, params, x, y, key=jax.random.key(1), epochs=2,
+                         validation_split=1 / 6)
     assert set(result.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
-    val = evaluate(model, result.params, x[45:], y[45:],
-                   loss=jaxnn.losses.sparse_softmax_cross_entropy, batch_size=7)
-    assert val["loss"] == pytest.approx(result.history["val_loss"][-1], rel=1e-5)
-    logits = np.asarray(model.apply(result.params, x[45:]), np.float64)
-    assert val["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y[45:]))
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    assert val["loss"] == pytest.approx(-log_probs[np.arange(15), y[45:]].mean(), rel=1e-5)
+    penalty = jaxnn.regularizers.l2(L2)
+    val = evaluate(model, result.params, x[50:], y[50:],
+                   loss=jaxnn.losses.sparse_softmax_cross_entropy, penalty=penalty,
+                   batch_size=7)  # batches of 7 and 3 (+ 4 padded rows)
+    assert val["loss"] == pytest.approx(result.history["val_loss"][-1], rel=1e-9)
+    # numpy float64: the held-out rows' mean cross-entropy plus the penalty, and accuracy
+    logits = _np_logits(result.params, x[50:])
+    assert val["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y[50:]))
+    assert result.history["val_accuracy"][-1] == pytest.approx(val["accuracy"])
+    want = -_np_log_softmax(logits)[np.arange(10), y[50:]].mean() + _np_l2(result.params)
+    assert val["loss"] == pytest.approx(want, rel=1e-9)
 
 
 def test_predict_outputs_and_batching():
     x, _ = _data(n=23)
     x = x.astype(np.float32)
     model = _model()
-    params = model.init(jax.random.key(0), x)
-    logits = np.asarray(model.apply(params, x), np.float64)
+    params = _init(model, x)
+    logits = _np_logits(params, x)  # numpy float64 on the float32 params
     np.testing.assert_allclose(predict(model, params, x, batch_size=5), logits, rtol=1e-5,
                                atol=1e-6)
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
@@ -130,23 +179,20 @@ def test_predict_outputs_and_batching():
         predict(model, params, x, output="softmax")
 
 
-def test_streaming_batches_equal_in_memory_fit(x64):
-    x, y = _data(n=50)
-    model = _model()
-    params = model.init(jax.random.key(0), x)
+def test_streaming_batches_equal_in_memory_fit(x64, plain_loop_case):
+    # a list of batches (the last one short) against the plain loop over the same batches
+    x, y, model, params, expected = plain_loop_case
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
     kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, optimizer=optax.adam(1e-2),
-                  key=jax.random.key(1), epochs=2, verbose=0)
+                  penalty=jaxnn.regularizers.l2(L2), key=jax.random.key(1), epochs=3,
+                  verbose=0)
     streamed = fit(model, params, batches, **kwargs)
-    in_memory = fit(model, params, x, y, batch_size=16, shuffle=False, **kwargs)
-    for a, b in zip(jax.tree_util.tree_leaves(streamed.params),
-                    jax.tree_util.tree_leaves(in_memory.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    _assert_trees_close(streamed.params, expected)
     with pytest.raises(TypeError, match="one-shot iterator"):
         fit(model, params, iter(batches), **kwargs)
 
 
-def test_no_recompilation_after_first_epoch():
+def test_no_recompilation_after_first_epoch(x64):
     traces = []
 
     def traced_tanh(x):
@@ -162,13 +208,12 @@ def test_no_recompilation_after_first_epoch():
             return False
 
     x, y = _data(n=50)
-    x = x.astype(np.float32)
     model = jaxnn.Sequential([jaxnn.Dense(8), traced_tanh, jaxnn.Dense(3)])
-    params = model.init(jax.random.key(0), x)
+    params = _init(model, x)
     counter = CountTraces()
-    fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-        optimizer=optax.adam(1e-2), key=jax.random.key(1), epochs=4, batch_size=16,
-        validation_data=(x, y), steps_per_call=2, callbacks=[counter], verbose=0)
+    # chunks of 3 steps and of 1 (two programs), and validation: all traced in epoch 1 only
+    _common_fit(model, params, x, y, key=jax.random.key(1), epochs=4, steps_per_call=3,
+                validation_data=(x[:10], y[:10]), callbacks=[counter])
     assert counter.counts[0] > 0
     assert counter.counts == [counter.counts[0]] * 4
 
@@ -176,7 +221,7 @@ def test_no_recompilation_after_first_epoch():
 def test_fit_argument_errors():
     x, y = _data(n=20)
     model = _model()
-    params = model.init(jax.random.key(0), x.astype(np.float32))
+    params = _init(model, x.astype(np.float32))
     kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, optimizer=optax.sgd(0.1),
                   key=jax.random.key(0), verbose=0)
     with pytest.raises(ValueError, match="same number of examples.*20 and 19"):
@@ -191,14 +236,14 @@ def test_fit_argument_errors():
         fit(model, params, x, y, metrics=["acc"], **kwargs)
 
 
-def test_resume_from_checkpoint_gives_the_same_parameters(tmp_path):
+def test_resume_from_checkpoint_gives_the_same_parameters(x64, tmp_path):
     from jaxnn.callbacks import ModelCheckpoint
     from jaxnn.checkpoint import resume
 
-    x, y = _data(n=48)
-    x = x.astype(np.float32)
+    x, y = _data(n=50)
+    # dropout: the resumed epochs must draw the masks the uninterrupted run drew
     model = jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dropout(0.3), jaxnn.Dense(3)])
-    params = model.init(jax.random.key(0), x)
+    params = _init(model, x)
     optimizer = jaxnn.optimizers.adam(1e-2)
     kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, optimizer=optimizer,
                   batch_size=16, verbose=0)
@@ -217,29 +262,27 @@ def test_resume_from_checkpoint_gives_the_same_parameters(tmp_path):
     assert resumed.history["loss"] == full.history["loss"][2:]
 
 
-def test_early_stopping_stops_and_restores_best():
+def test_early_stopping_stops_and_restores_best(x64, plain_loop_case):
     from jaxnn.callbacks import EarlyStopping
 
-    x, y = _data(n=40)
-    x = x.astype(np.float32)
-    model = _model()
-    params = model.init(jax.random.key(0), x)
-    # A learning rate this large makes the validation loss worsen quickly.
+    x, y, model, params, _ = plain_loop_case
+    # Validation on wrong labels: the better the model learns y, the worse its val_loss.
+    x_val, y_val = x[:10], (y[:10] + 1) % 3
     stopper = EarlyStopping("val_loss", patience=1, restore_best=True)
-    result = fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-                 optimizer=optax.sgd(50.0), key=jax.random.key(0), epochs=30, batch_size=8,
-                 validation_data=(x, y), callbacks=[stopper], verbose=0)
+    result = _common_fit(model, params, x, y, key=jax.random.key(0), epochs=30,
+                         validation_data=(x_val, y_val), callbacks=[stopper])
     losses = result.history["val_loss"]
     assert len(losses) < 30 and stopper.stopped_epoch == len(losses) - 1
     best = int(np.argmin(losses))
     assert stopper.best_epoch == best
-    got = evaluate(model, result.params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy)
-    assert got["loss"] == pytest.approx(losses[best], rel=1e-5)
-    # the same optimizer and batch size as above: the same training program, from the cache
+    got = evaluate(model, result.params, x_val, y_val,
+                   loss=jaxnn.losses.sparse_softmax_cross_entropy,
+                   penalty=jaxnn.regularizers.l2(L2))
+    assert got["loss"] == pytest.approx(losses[best], rel=1e-9)
+    # the same setup as above: the same training program, from the cache
     with pytest.raises(KeyError, match="monitor 'val_auc' is not logged"):
-        fit(model, params, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy,
-            optimizer=optax.sgd(50.0), key=jax.random.key(0), epochs=2, batch_size=8,
-            verbose=0, callbacks=[EarlyStopping("val_auc")])
+        _common_fit(model, params, x, y, key=jax.random.key(0), epochs=2,
+                    callbacks=[EarlyStopping("val_auc")])
 
 
 def test_predict_and_evaluate_compile_once():
@@ -252,7 +295,7 @@ def test_predict_and_evaluate_compile_once():
     x, y = _data(n=30)
     x = x.astype(np.float32)
     model = jaxnn.Sequential([jaxnn.Dense(4), traced_tanh, jaxnn.Dense(3)])
-    params = model.init(jax.random.key(0), x)
+    params = _init(model, x)
     for run in (predict, lambda m, p, x: evaluate(
             m, p, x, y, loss=jaxnn.losses.sparse_softmax_cross_entropy)):
         run(model, params, x)
@@ -269,14 +312,15 @@ def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
     from jaxnn._chunks import CONV_STEPS_PER_CALL_ON_CPU, default_steps_per_call
 
     rng = np.random.default_rng(0)
-    # 16 examples in batches of 4: one chunk of 4 steps, a single straight-line program
-    # (chunks with a remainder are checked against the plain loop above)
-    x = rng.normal(size=(16, 6, 6, 1))
-    y = rng.integers(0, 3, size=16)
+    # 8 examples in batches of 4: 2 steps, fewer than 4, so one chunk of 2 steps, a single
+    # straight-line program (chunks with a remainder are checked against the plain loop)
+    x = rng.normal(size=(8, 6, 6, 1))
+    y = rng.integers(0, 3, size=8)
     cnn = jaxnn.Sequential([jaxnn.Conv2D(2, 3), jaxnn.relu, jaxnn.Flatten(), jaxnn.Dense(3)])
     mlp = jaxnn.Sequential([jaxnn.Flatten(), jaxnn.Dense(4), jaxnn.relu, jaxnn.Dense(3)])
-    cnn_params = cnn.init(jax.random.key(0), x[:1])
-    mlp_params = mlp.init(jax.random.key(0), x[:1])
+    cnn_params = _init(cnn, x)
+    # only traced (the choice, and an argument error raised before any compilation)
+    mlp_params = jax.eval_shape(mlp.init, jax.random.key(0), x[:1])
     assert jax.default_backend() == "cpu"
     assert default_steps_per_call(cnn, cnn_params, {}, x, 4) == CONV_STEPS_PER_CALL_ON_CPU
     assert default_steps_per_call(mlp, mlp_params, {}, x, 4) is None
