@@ -69,7 +69,7 @@ def test_rmsnorm_matches_numpy(x64, shape, axis, eps):
                                                        jnp.asarray(x))
     _close(y, rms_reference(x, scale, eps=eps, axes=axes))
     # Without scale: the normalised values alone; a large epsilon visibly shrinks them.
-    y = RMSNorm(axis=axis, epsilon=eps, use_scale=False).apply({}, jnp.asarray(x))
+    y = jax.jit(RMSNorm(axis=axis, epsilon=eps, use_scale=False).apply)({}, jnp.asarray(x))
     _close(y, rms_reference(x, np.ones(norm_shape), eps=eps, axes=axes))
 
 
@@ -144,7 +144,8 @@ def test_groupnorm_matches_numpy(x64, shape, groups):
 
 def test_groupnorm_without_affine_and_epsilon(x64):
     x = np.random.default_rng(4).normal(size=(2, 3, 4))
-    y = GroupNorm(2, epsilon=0.3, use_scale=False, use_bias=False).apply({}, jnp.asarray(x))
+    y = jax.jit(GroupNorm(2, epsilon=0.3, use_scale=False, use_bias=False).apply)(
+        {}, jnp.asarray(x))
     _close(y, gn_reference(x, np.ones(4), np.zeros(4), groups=2, eps=0.3))
 
 
@@ -240,7 +241,7 @@ def test_rmsnorm_matches_torch(x64):
     _close(gp["scale"], want_gp["weight"])
     # PyTorch's eps=None is the input dtype's machine epsilon.
     default = torch.nn.RMSNorm(6, dtype=torch.float64)
-    got = RMSNorm(epsilon=float(np.finfo(np.float64).eps)).apply(
+    got = jax.jit(RMSNorm(epsilon=float(np.finfo(np.float64).eps)).apply)(
         {"scale": jnp.ones(6)}, jnp.asarray(x))
     _close(got, default(torch.from_numpy(x)).detach().numpy())
 
