@@ -1,10 +1,11 @@
 """fit(devices=...): data-parallel training against single-device fit.
 
 This process has one CPU device (XLA_FLAGS must be set before jax is imported),
-so the multi-device runs happen in subprocesses: one with 4 forced CPU devices
-(tests/data_parallel_worker.py), which prints its findings as JSON, and one that
-trains the MNIST CNN on 2 (tests/data_parallel_cnn_worker.py) to check that many
-queued calls run to the end. The input checks that need no second device run here.
+so the multi-device runs happen in subprocesses: a short one on 2 forced CPU
+devices (TWO_DEVICES, below), one with 4 (tests/data_parallel_worker.py, slow),
+each printing its findings as JSON, and one that trains the MNIST CNN on 2
+(tests/data_parallel_cnn_worker.py, slow) to check that many queued calls run to
+the end. The input checks that need no second device run here.
 """
 
 import functools
