@@ -54,25 +54,19 @@ def _data():
     return x, y, params
 
 
-def _train(opt, steps=STEPS):
-    """Train the MLP for ``steps`` steps inside one jitted scan; returns (initial, final)."""
-    model = _model()
-    x, y, params = _data()
+def _train(model, x, y, opt, params, steps=STEPS):
+    """``steps`` steps of ``opt`` on the MLP, in a scan (to call inside a jitted function)."""
 
     def loss(p):
         return _cross_entropy(model.apply(p, x), y)
 
-    @jax.jit
-    def run(params):
-        def step(carry, _):
-            p, s = carry
-            updates, s = opt.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, updates), s), None
+    def step(carry, _):
+        p, s = carry
+        updates, s = opt.update(jax.grad(loss)(p), s, p)
+        return (optax.apply_updates(p, updates), s), None
 
-        (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-        return p
-
-    return params, run(params)
+    (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return p
 
 
 def _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-10):
@@ -83,19 +77,9 @@ def _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-10):
 
 
 def _assert_moved(before, after):
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                 zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)))
     assert moved > 1e-3
-
-
-@pytest.mark.parametrize("name", sorted(PAIRS))
-def test_matches_optax_on_mlp(name, x64):
-    ours, theirs = PAIRS[name]
-    initial, ours_final = _train(ours())
-    _, optax_final = _train(theirs())
-    assert ours_final["dense_0"]["kernel"].dtype == jnp.float64
-    _assert_moved(initial, ours_final)
-    _assert_trees_close(ours_final, optax_final)
 
 
 # An optax schedule given to ours, on the MLP. Gradient descent and SGD with a schedule
@@ -110,12 +94,51 @@ SCHEDULED = {
 }
 
 
+def _scheduled(make):
+    return make(optax.exponential_decay(init_value=0.05, transition_steps=10, decay_rate=0.5))
+
+
+# Every (ours, optax's) pair trained on the MLP: PAIRS, SCHEDULED, and adam after optax's
+# clipping in a chain.
+MLP_RUNS = {
+    **{("pair", name): (ours(), theirs()) for name, (ours, theirs) in PAIRS.items()},
+    **{("scheduled", name): (_scheduled(ours), _scheduled(theirs))
+       for name, (ours, theirs) in SCHEDULED.items()},
+    ("chain", "clip"): (optax.chain(optax.clip_by_global_norm(1.0), optimizers.adam(1e-2)),
+                        optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))),
+}
+
+
+@pytest.fixture(scope="module")
+def mlp_runs():
+    """``(initial params, {case: (ours, optax's final params)})`` after STEPS steps of each
+    of MLP_RUNS in float64, all the runs in one jitted program (one program per run took
+    about twice the CPU time)."""
+    with jax.enable_x64(True):
+        model = _model()
+        x, y, params = _data()
+
+        @jax.jit
+        def run(params):
+            return {case: tuple(_train(model, x, y, opt, params) for opt in pair)
+                    for case, pair in MLP_RUNS.items()}
+
+        return jax.device_get(params), jax.device_get(run(params))
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_matches_optax_on_mlp(name, mlp_runs):
+    initial, runs = mlp_runs
+    ours_final, optax_final = runs["pair", name]
+    assert ours_final["dense_0"]["kernel"].dtype == np.float64
+    _assert_moved(initial, ours_final)
+    _assert_trees_close(ours_final, optax_final)
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULED))
-def test_schedule_matches_optax(name, x64):
-    schedule = optax.exponential_decay(init_value=0.05, transition_steps=10, decay_rate=0.5)
-    ours, theirs = SCHEDULED[name]
-    initial, ours_final = _train(ours(schedule))
-    _, optax_final = _train(theirs(schedule))
+def test_schedule_matches_optax(name, mlp_runs):
+    initial, runs = mlp_runs
+    ours_final, optax_final = runs["scheduled", name]
     _assert_moved(initial, ours_final)
     _assert_trees_close(ours_final, optax_final)
 
@@ -132,11 +155,9 @@ def test_schedule_sees_count_before_increment():
     np.testing.assert_allclose(np.asarray(updates["w"]), [-0.5, -0.5])
 
 
-def test_chain_with_optax_clip(x64):
-    ours = optax.chain(optax.clip_by_global_norm(1.0), optimizers.adam(1e-2))
-    theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
-    initial, ours_final = _train(ours)
-    _, optax_final = _train(theirs)
+def test_chain_with_optax_clip(mlp_runs):
+    initial, runs = mlp_runs
+    ours_final, optax_final = runs["chain", "clip"]
     _assert_moved(initial, ours_final)
     _assert_trees_close(ours_final, optax_final)
 
@@ -198,16 +219,15 @@ def test_adamw_prefix_mask_matches_optax(x64):
     params = {"dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.full(2, 2.0)},
               "dense_1": {"kernel": jnp.full((2, 1), 3.0)}}
     grads = jax.tree_util.tree_map(lambda p: 0.1 * jnp.cos(p), params)
-    results = []
-    for opt in (ours, theirs):
-        def run(p, opt=opt):
-            s = opt.init(p)
-            for _ in range(3):
-                updates, s = opt.update(grads, s, p)
-                p = optax.apply_updates(p, updates)
-            return p
 
-        results.append(jax.jit(run)(params))
+    def run(opt, p):
+        s = opt.init(p)
+        for _ in range(3):
+            updates, s = opt.update(grads, s, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    results = jax.jit(lambda p: (run(ours, p), run(theirs, p)))(params)  # one program
     _assert_trees_close(results[0], results[1], rtol=1e-12)
 
 
