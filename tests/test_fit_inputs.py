@@ -15,13 +15,28 @@ from jaxnn.training import evaluate, fit, predict
 N, FEATURES, CLASSES = 40, 5, 3
 
 
+def _init(model, x, seed=0):
+    """Params in ``model.init``'s layout (traced, not run: an init compiles a program of its
+    own), drawn by numpy: kernels normal / sqrt(fan-in), biases small."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+    rng = np.random.default_rng(seed)
+
+    def draw(s):
+        if len(s.shape) < 2:
+            return jnp.asarray(np.asarray(0.1 * rng.normal(size=s.shape), s.dtype))
+        fan_in = int(np.prod(s.shape[:-1]))
+        return jnp.asarray(np.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype))
+
+    return jax.tree_util.tree_map(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, FEATURES)).astype(np.float32)
     y = rng.integers(0, CLASSES, size=N).astype(np.int32)
     model = jaxnn.Sequential([jaxnn.Dense(8), jaxnn.relu, jaxnn.Dense(CLASSES)])
-    params = model.init(jax.random.key(0), x[:1])
+    params = _init(model, x)
     return model, params, x, y
 
 
@@ -166,31 +181,50 @@ def _fit(setup, loss, metrics=(), **kwargs):
                **kwargs)
 
 
-def test_losses_in_three_forms_train_alike(x64):
+def _hits(predictions, targets):
+    """A per-example metric: 1.0 where the class is right."""
+    return (jnp.argmax(predictions, -1) == targets).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup64():
+    """Float64 data, model and params for the tests that compare loss forms."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(N, FEATURES))
+        y = rng.integers(0, CLASSES, size=N).astype(np.int32)
+        model = jaxnn.Sequential([jaxnn.Dense(8), jaxnn.relu, jaxnn.Dense(CLASSES)])
+        return model, _init(model, x), x, y
+
+
+def test_losses_in_three_forms_train_alike(x64, setup64):
     # 40 examples in batches of 16: the last batch is 8 real rows and 8 padded ones,
     # which the per-example form must weigh 0 as the weights= form does.
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(N, FEATURES))
-    y = rng.integers(0, CLASSES, size=N).astype(np.int32)
-    model = jaxnn.Sequential([jaxnn.Dense(8), jaxnn.relu, jaxnn.Dense(CLASSES)])
-    params = model.init(jax.random.key(0), x[:1])
-    setup = (model, params, x, y)
-    by_weights = _fit(setup, jaxnn.losses.sparse_softmax_cross_entropy)
-    by_name = _fit(setup, "sparse_softmax_cross_entropy")
-    per_example = _fit(setup, optax.softmax_cross_entropy_with_integer_labels,
-                       metrics=(lambda p, t: (jnp.argmax(p, -1) == t).astype(jnp.float32),))
+    setup = setup64
+    model, params, x, y = setup
+    hits = (_hits,)
+    by_weights = _fit(setup, jaxnn.losses.sparse_softmax_cross_entropy, metrics=("accuracy",))
+    by_name = _fit(setup, "sparse_softmax_cross_entropy", metrics=("accuracy",))
+    per_example = _fit(setup, optax.softmax_cross_entropy_with_integer_labels, metrics=hits)
     for other in (by_name, per_example):
         for a, b in zip(jax.tree_util.tree_leaves(by_weights.params),
                         jax.tree_util.tree_leaves(other.params)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(per_example.history["loss"], by_weights.history["loss"],
                                rtol=1e-10)
-    # the per-example metric equals jaxnn's accuracy on the same model
-    accuracy = evaluate(model, per_example.params, x, y, loss="sparse_softmax_cross_entropy")
-    per_example_metric = evaluate(
-        model, per_example.params, x, y, loss=optax.softmax_cross_entropy_with_integer_labels,
-        metrics=(lambda p, t: (jnp.argmax(p, -1) == t).astype(jnp.float32),))
-    assert per_example_metric["<lambda>"] == pytest.approx(accuracy["accuracy"], abs=1e-12)
+    # the per-example metric, padded rows weighed 0 too, equals jaxnn's accuracy
+    np.testing.assert_allclose(per_example.history["_hits"],
+                               by_weights.history["accuracy"], rtol=1e-12)
+    # evaluate with the per-example forms against numpy float64
+    got = evaluate(model, per_example.params, x, y,
+                   loss=optax.softmax_cross_entropy_with_integer_labels, metrics=hits)
+    p = jax.tree_util.tree_map(np.asarray, per_example.params)
+    h = np.maximum(x @ p["dense_0"]["kernel"] + p["dense_0"]["bias"], 0.0)
+    logits = h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    assert got["loss"] == pytest.approx(-log_probs[np.arange(N), y].mean(), rel=1e-10)
+    assert got["_hits"] == pytest.approx(np.mean(logits.argmax(-1) == y), abs=1e-12)
 
 
 BAD_LOSSES = [
@@ -240,19 +274,22 @@ def test_bad_fit_arguments_are_named(setup, kwargs, words):
 
 def test_fit_many_checks_its_data_too(setup):
     model, params, x, y = setup
-    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), params)
+    stacked = jax.tree_util.tree_map(lambda a: np.stack([a, a]), params)
     with pytest.raises(ValueError, match=r"y: class label 5 at index 9"):
         jaxnn.fit_many(model, stacked, x, _with(y, 9, 5), loss="sparse_softmax_cross_entropy",
                        optimizer=optax.sgd(0.1), key=jax.random.key(1), verbose=0)
 
 
-def test_an_unhashable_callable_loss_is_taken(setup):
+def test_an_unhashable_callable_loss_is_taken(x64, setup64):
+    # the setup and loss of the per-example case above: its training program, from the cache
     class PerExample:
         __hash__ = None  # as for any class that defines __eq__ only
 
         def __call__(self, predictions, targets):
             return optax.softmax_cross_entropy_with_integer_labels(predictions, targets)
 
-    by_object = _fit(setup, PerExample())
-    by_function = _fit(setup, optax.softmax_cross_entropy_with_integer_labels)
-    np.testing.assert_allclose(by_object.history["loss"], by_function.history["loss"], rtol=1e-6)
+    by_object = _fit(setup64, PerExample(), metrics=(_hits,))
+    by_function = _fit(setup64, optax.softmax_cross_entropy_with_integer_labels,
+                       metrics=(_hits,))
+    np.testing.assert_allclose(by_object.history["loss"], by_function.history["loss"],
+                               rtol=1e-12)
