@@ -18,8 +18,11 @@ one JSON object:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_params_worker.py DIR
 
-Or, with ``reference`` (4 devices) or ``PROCESS_ID PORT`` (2 devices; two processes
-after ``jax.distributed.initialize``), two epochs sharded over 4 devices with a
+The 8-device run also writes ``DIR/reference.npz`` and ``DIR/reference.json``: its
+two epochs sharded over 4 devices, the reference of the two processes below.
+
+Or, with ``PROCESS_ID PORT`` (2 devices; two processes after
+``jax.distributed.initialize``), two epochs sharded over the 4 devices of both with a
 ModelCheckpoint into ``DIR/NAME`` (see :func:`over_processes`).
 """
 
@@ -59,8 +62,15 @@ OPTIMIZER = optax.adam(1e-2)
 @functools.cache
 def initial():
     """The initial ``(params, state)`` (made on first use: a process of a distributed
-    run may touch its devices only after ``jax.distributed.initialize``)."""
-    return MODEL.init_with_state(jax.random.key(0), X[:1])
+    run may touch its devices only after ``jax.distributed.initialize``): params of
+    init's shapes drawn in numpy (init compiles a program per initializer and shape),
+    BatchNorm's statistics as init makes them (mean 0, variance 1)."""
+    params, state = jax.eval_shape(MODEL.init_with_state, jax.random.key(0), X[:1])
+    rng = np.random.default_rng(0)
+    return (jax.tree_util.tree_map(
+                lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), params),
+            jax.tree_util.tree_map_with_path(
+                lambda path, s: jnp.full(s.shape, path[-1].key == "var", s.dtype), state))
 
 
 def fit(**kwargs):
@@ -111,17 +121,19 @@ def specs(tree):
     return [str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(tree)]
 
 
-def four_devices(report):
-    single = fit()
+def four_devices(report, folder: pathlib.Path):
+    """Returns the one-device run (checkpointed into ``folder/from1``)."""
+    single = fit(callbacks=[ModelCheckpoint(folder / "from1", max_to_keep=None)])
     replicated = fit(devices=4)
     sharded = fit(devices=4, shard_params=True)
     table = {"dense_0/kernel": P("data", None), "batchnorm_0/*": P()}
     runs = {
         "shard_params=True": sharded,
-        "table": fit(devices=4, shard_params=table),
-        "steps_per_call=2,feed=device": fit(devices=4, shard_params=True, steps_per_call=2,
-                                            feed="device"),
+        # a table, and several steps per compiled call fed from the device
+        "table,steps_per_call=2,feed=device": fit(devices=4, shard_params=table,
+                                                  steps_per_call=2, feed="device"),
     }
+    write_carry(folder, "reference", sharded)
     state_bytes = {
         name: {str(k): v for k, v in sorted(bytes_per_device((r.params, r.opt_state)).items())}
         for name, r in (("replicated", replicated), ("sharded", sharded))}
@@ -165,6 +177,7 @@ def four_devices(report):
     except jaxnn.NonFiniteError as error:  # found by the halting replay, sharded too
         report["nonfinite"] = {"step": error.step, "specs": specs(error.result.params),
                                "finite": bool(jaxnn.training.all_finite(error.result.params))}
+    return single
 
 
 class Placed(Callback):
@@ -199,7 +212,8 @@ def continued(values, key, **kwargs):
                initial_epoch=EPOCHS, epochs=EPOCHS + 1, **kwargs)
 
 
-def checkpoints(report, folder: pathlib.Path):
+def checkpoints(report, folder: pathlib.Path, single):
+    """``single``: the one-device run, checkpointed into ``folder/from1``."""
     # 8 devices, sharded -> one device
     trained = fit(devices=8, shard_params=True,
                   callbacks=[ModelCheckpoint(folder / "from8", max_to_keep=None)])
@@ -218,11 +232,11 @@ def checkpoints(report, folder: pathlib.Path):
                             for k in from_ckpt.history if k != "seconds"),
         "continued_diff": max_diff(carry(from_ckpt), carry(from_memory)),
         "moved": max_diff(from_ckpt.params, in_memory[0]),
-        "eight_vs_one_after_2": max_diff(in_memory, carry(fit())),
+        "eight_vs_one_after_2": max_diff(in_memory, carry(single)),
     }
 
     # one device -> 8 devices, sharded
-    trained = fit(callbacks=[ModelCheckpoint(folder / "from1", max_to_keep=None)])
+    trained = single
     in_memory = gathered(carry(trained))
     ckpt, restored = resume(folder / "from1")
     placed = Placed()
@@ -248,15 +262,10 @@ def checkpoints(report, folder: pathlib.Path):
     }
 
 
-def over_processes(out: pathlib.Path, name: str, devices):
-    """Two epochs sharded over ``devices`` with ModelCheckpoint into ``out/name``;
-    writes ``out/name.npz`` (the final carry, gathered, by leaf number) and
-    ``out/name.json`` (the history, the bytes each local device holds)."""
-    from jax.experimental import multihost_utils
-
-    result = fit(devices=devices, shard_params=True,
-                 callbacks=[ModelCheckpoint(out / name, max_to_keep=None)])
-    whole = multihost_utils.process_allgather(carry(result), tiled=True)
+def write_carry(out: pathlib.Path, name: str, result, whole=None):
+    """Writes ``out/name.npz`` (the final carry, gathered (``whole`` when given), by leaf
+    number) and ``out/name.json`` (the history, the bytes each local device holds)."""
+    whole = gathered(carry(result)) if whole is None else whole
     np.savez(out / f"{name}.npz", **{str(i): np.asarray(leaf) for i, leaf in
                                      enumerate(jax.tree_util.tree_leaves(whole))})
     leaves = jax.tree_util.tree_leaves((result.params, result.opt_state))
@@ -272,16 +281,25 @@ def over_processes(out: pathlib.Path, name: str, devices):
     (out / f"{name}.json").write_text(json.dumps(report))
 
 
+def over_processes(out: pathlib.Path, name: str, devices):
+    """Two epochs sharded over ``devices`` with ModelCheckpoint into ``out/name``;
+    writes ``out/name.npz`` and ``out/name.json`` (:func:`write_carry`)."""
+    from jax.experimental import multihost_utils
+
+    result = fit(devices=devices, shard_params=True,
+                 callbacks=[ModelCheckpoint(out / name, max_to_keep=None)])
+    write_carry(out, name, result,
+                whole=multihost_utils.process_allgather(carry(result), tiled=True))
+
+
 def main(argv):
     out = pathlib.Path(argv[0])
     if len(argv) == 1:
         assert jax.device_count() == 8, jax.devices()
         report = {}
-        four_devices(report)
-        checkpoints(report, out)
+        single = four_devices(report, out)
+        checkpoints(report, out, single)
         print(json.dumps(report))
-    elif argv[1] == "reference":  # one process, 4 devices
-        over_processes(out, "reference", devices=4)
     else:  # process PROCESS_ID of 2, 2 devices each, coordinator on localhost:PORT
         process_id, port = int(argv[1]), int(argv[2])
         jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
