@@ -1,6 +1,6 @@
 """fit / evaluate / predict against a plain optax loop written here.
 
-Most fits here train the same float64 model on the same 50 examples with the same
+Most fits here train the same float64 model on the same 40 examples with the same
 optimizer, penalty and batch size: one training program, compiled once and loaded from
 the compilation cache by the other tests (they differ in what is checked, not in the
 program).
@@ -16,7 +16,7 @@ import jaxnn
 from jaxnn.training import Callback, evaluate, fit, predict
 
 
-def _data(n=50, features=6, classes=3, seed=0):
+def _data(n=40, features=6, classes=3, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features))
     w = rng.normal(size=(features, classes))
@@ -55,8 +55,8 @@ def _np_log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-# The common training setup (float64): adam(1e-2), an L2 penalty, batches of 16 from 50
-# examples (3 full batches and one of 2).
+# The common training setup (float64): adam(1e-2), an L2 penalty, batches of 16 from 40
+# examples (2 full batches and one of 8).
 L2 = 1e-3
 COMMON = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, batch_size=16, verbose=0)
 
@@ -106,16 +106,16 @@ def plain_loop_case():
     """The data, initial params and the plain loop's result (3 epochs of the common setup,
     unshuffled), computed once for the tests below that compare fit with it."""
     with jax.enable_x64(True):
-        x, y = _data(n=50)  # batch 16: 3 full batches and one of 2
+        x, y = _data()  # batch 16: 2 full batches and one of 8
         model = _model()
         params = _init(model, x)
         expected = _reference_loop(model, params, x, y, 16, 3, optax.adam(1e-2), l2=L2)
     return x, y, model, params, expected
 
 
-# 4 steps an epoch: the whole epoch, one step a call, and chunks of 3 then 1 (a chunk and
+# 3 steps an epoch: the whole epoch, one step a call, and chunks of 2 then 1 (a chunk and
 # a remainder, whose 1-step program is the steps_per_call=1 case's, loaded from the cache).
-@pytest.mark.parametrize("steps_per_call", [None, 1, 3])
+@pytest.mark.parametrize("steps_per_call", [None, 1, 2])
 def test_fit_equals_plain_loop_with_short_last_batch(x64, plain_loop_case, steps_per_call):
     x, y, model, params, expected = plain_loop_case
     result = _common_fit(model, params, x, y, key=jax.random.key(1), epochs=3, shuffle=False,
@@ -142,23 +142,23 @@ def test_shuffling_is_deterministic_per_key(x64, plain_loop_case):
 
 
 def test_history_matches_evaluate_and_validation(x64):
-    # 60 examples, the last 10 held out: the 50 left train in the common program
-    x, y = _data(n=60, seed=1)
+    # 50 examples, the last 10 held out: the 40 left train in the common program
+    x, y = _data(n=50, seed=1)
     model = _model()
     params = _init(model, x)
     result = _common_fit(model, params, x, y, key=jax.random.key(1), epochs=2,
-                         validation_split=1 / 6)
+                         validation_split=0.2)
     assert set(result.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
     penalty = jaxnn.regularizers.l2(L2)
-    val = evaluate(model, result.params, x[50:], y[50:],
+    val = evaluate(model, result.params, x[40:], y[40:],
                    loss=jaxnn.losses.sparse_softmax_cross_entropy, penalty=penalty,
                    batch_size=7)  # batches of 7 and 3 (+ 4 padded rows)
     assert val["loss"] == pytest.approx(result.history["val_loss"][-1], rel=1e-9)
     # numpy float64: the held-out rows' mean cross-entropy plus the penalty, and accuracy
-    logits = _np_logits(result.params, x[50:])
-    assert val["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y[50:]))
+    logits = _np_logits(result.params, x[40:])
+    assert val["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == y[40:]))
     assert result.history["val_accuracy"][-1] == pytest.approx(val["accuracy"])
-    want = -_np_log_softmax(logits)[np.arange(10), y[50:]].mean() + _np_l2(result.params)
+    want = -_np_log_softmax(logits)[np.arange(10), y[40:]].mean() + _np_l2(result.params)
     assert val["loss"] == pytest.approx(want, rel=1e-9)
 
 
@@ -182,7 +182,7 @@ def test_predict_outputs_and_batching():
 def test_streaming_batches_equal_in_memory_fit(x64, plain_loop_case):
     # a list of batches (the last one short) against the plain loop over the same batches
     x, y, model, params, expected = plain_loop_case
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]
     kwargs = dict(loss=jaxnn.losses.sparse_softmax_cross_entropy, optimizer=optax.adam(1e-2),
                   penalty=jaxnn.regularizers.l2(L2), key=jax.random.key(1), epochs=3,
                   verbose=0)
@@ -207,12 +207,12 @@ def test_no_recompilation_after_first_epoch(x64):
             self.counts.append(len(traces))
             return False
 
-    x, y = _data(n=50)
+    x, y = _data()
     model = jaxnn.Sequential([jaxnn.Dense(8), traced_tanh, jaxnn.Dense(3)])
     params = _init(model, x)
     counter = CountTraces()
-    # chunks of 3 steps and of 1 (two programs), and validation: all traced in epoch 1 only
-    _common_fit(model, params, x, y, key=jax.random.key(1), epochs=4, steps_per_call=3,
+    # chunks of 2 steps and of 1 (two programs), and validation: all traced in epoch 1 only
+    _common_fit(model, params, x, y, key=jax.random.key(1), epochs=4, steps_per_call=2,
                 validation_data=(x[:10], y[:10]), callbacks=[counter])
     assert counter.counts[0] > 0
     assert counter.counts == [counter.counts[0]] * 4
@@ -240,7 +240,7 @@ def test_resume_from_checkpoint_gives_the_same_parameters(x64, tmp_path):
     from jaxnn.callbacks import ModelCheckpoint
     from jaxnn.checkpoint import resume
 
-    x, y = _data(n=50)
+    x, y = _data()
     # dropout: the resumed epochs must draw the masks the uninterrupted run drew
     model = jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dropout(0.3), jaxnn.Dense(3)])
     params = _init(model, x)
