@@ -13,6 +13,12 @@ labels, on MNIST-shaped data: 28x28 images, 10 classes):
   ``(N, 28, 28, 1)`` (PyTorch: ``(N, 1, 28, 28)``).
 * ``lstm``: LSTM(128) over the 28 rows of 28 pixels, the last hidden state ->
   Dense(10), batch 128. Input ``(N, 28, 28)``.
+* ``transformer``: the 28 rows as 28 tokens -> Dense(64) -> + a learned position
+  table (28, 64) -> 2 pre-norm Transformer encoder blocks (4 heads of 16, MLP 128,
+  ReLU, no dropout; PyTorch's ``nn.TransformerEncoderLayer(norm_first=True)``) ->
+  LayerNorm -> mean over the tokens -> Dense(10), batch 128 (the model of
+  ``examples/mnist_transformer.py``, trained here at a constant rate). Input
+  ``(N, 28, 28)``.
 
 FLOPs are counted analytically: each multiply-add of a matmul or convolution is
 2 FLOPs; bias adds, activations, pooling, softmax and the optimiser update are
@@ -32,6 +38,17 @@ the parameters (the first layer's input; the LSTM's initial state ``h_0 = 0``)::
           train   = 3 * forward - conv(26, 26, 3, 1, 32)             = 14,256,384
     LSTM  forward = 28 * (dense(28, 512) + dense(128, 512)) + dense(128, 10) = 4,475,392
           train   = 2 * forward + 27 * dense(128, 512) + dense(128, 10)      = 12,492,288
+
+The Transformer, with L = 28 tokens, D = 64, MLP width M = 128 (the attention's two
+products, Q K^T and A V, cost 2 * L * L * D each whatever the number of heads)::
+
+    block = L * (4 * dense(D, D) + dense(D, M) + dense(M, D)) + 2 * (2 * L * L * D)
+          = 1,835,008 + 200,704                                      = 2,035,712
+    Transformer forward = L * dense(28, D) + 2 * block + dense(D, 10) = 4,173,056
+                train   = 3 * forward - L * dense(28, D)              = 12,418,816
+
+(both operands of each attention product depend on the parameters, so each has
+both input gradients, like a matmul layer's weight and input gradients.)
 """
 
 from __future__ import annotations
@@ -90,18 +107,31 @@ def lstm_flops(steps: int = 28, features: int = 28, units: int = 128) -> tuple[i
     return forward, 2 * forward + (steps - 1) * recurrent + head
 
 
+def transformer_flops(length: int = 28, features: int = 28, d_model: int = 64,
+                      mlp: int = 128, blocks: int = 2) -> tuple[int, int]:
+    """``(forward, training)`` FLOPs per sample of the row Transformer (see above)."""
+    embed = length * dense_flops(features, d_model)
+    projections = length * (4 * dense_flops(d_model, d_model) + dense_flops(d_model, mlp)
+                            + dense_flops(mlp, d_model))
+    attention = 2 * (2 * length * length * d_model)  # Q K^T and A V, all heads
+    forward = embed + blocks * (projections + attention) + dense_flops(d_model, CLASSES)
+    # x needs no gradient: the embedding's input gradient is not computed.
+    return forward, 3 * forward - embed
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One benchmark row: a model kind at a batch size."""
 
     name: str
-    kind: str  # "mlp", "cnn" or "lstm"
+    kind: str  # "mlp", "cnn", "lstm" or "transformer"
     batch: int
     description: str
 
     @property
     def flops(self) -> tuple[int, int]:
-        return {"mlp": mlp_flops, "cnn": cnn_flops, "lstm": lstm_flops}[self.kind]()
+        return {"mlp": mlp_flops, "cnn": cnn_flops, "lstm": lstm_flops,
+                "transformer": transformer_flops}[self.kind]()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -110,6 +140,9 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec("cnn", "cnn", 128,
                      "CNN conv32-pool-conv64-pool-dropout0.5-dense10, batch 128"),
     "lstm": ModelSpec("lstm", "lstm", 128, "LSTM(128) over 28 rows, Dense 10, batch 128"),
+    "transformer": ModelSpec("transformer", "transformer", 128,
+                             "Transformer over 28 rows: Dense 64, position table, 2 pre-norm "
+                             "blocks (4 heads, MLP 128), LayerNorm, mean, Dense 10, batch 128"),
 }
 
 
@@ -214,7 +247,7 @@ def model_inputs(kind: str, images: np.ndarray, *, channels_first: bool = False)
         shape = (n, 1, IMAGE_SIDE, IMAGE_SIDE) if channels_first else (n, IMAGE_SIDE,
                                                                          IMAGE_SIDE, 1)
         return images.reshape(shape)
-    if kind == "lstm":
+    if kind in ("lstm", "transformer"):
         return images
     raise ValueError(f"unknown model kind {kind!r}")
 

@@ -6,8 +6,9 @@
     python benchmarks/throughput.py --json results.json --samples 60000  # full epochs everywhere
 
 What it measures, for each model (``bench_common`` defines them and their FLOPs:
-the MNIST MLP 784-64-64-10 at batch 32 and 128, the two-block CNN and the
-row-LSTM(128) at batch 128; Adam 1e-3, softmax cross-entropy on integer labels):
+the MNIST MLP 784-64-64-10 at batch 32 and 128, the two-block CNN, the
+row-LSTM(128) and the row Transformer of ``examples/mnist_transformer.py`` (2 pre-norm
+blocks, d_model 64) at batch 128; Adam 1e-3, softmax cross-entropy on integer labels):
 
 * training samples/s in the steady state: the median of ``--epochs`` timed epochs
   (default 3) after ``--warmup`` untimed ones (default 1, which holds the
@@ -61,9 +62,9 @@ TensorFlow's pins cannot move the project's numpy or ml_dtypes)::
     .venv-bench/bin/python -m pip install -r benchmarks/requirements-peers.txt
 
 Epoch length: ``--samples`` trains on the first N samples of MNIST's 60,000 per
-epoch. The default is ``60000,cnn=12800,lstm=12800``: full epochs for the MLPs
-and 100-step epochs for the CNN and LSTM (a full epoch of those takes 20-40 s per
-framework on 2 cores). Per-sample figures divide by the samples actually
+epoch. The default is ``60000,cnn=12800,lstm=12800,transformer=12800``: full epochs
+for the MLPs and 100-step epochs for the CNN, LSTM and Transformer (a full epoch of
+those takes 20-40 s per framework on 2 cores). Per-sample figures divide by the samples actually
 trained, so shorter epochs stay comparable; entries ``MODEL=N`` and
 ``FRAMEWORK:MODEL=N`` override per model and per framework
 (e.g. ``--samples 60000,keras-tf:lstm=6400``).
@@ -128,8 +129,8 @@ from bench_common import (  # noqa: E402
 
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "mnist"
 DEFAULT_PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-DEFAULT_SAMPLES = "60000,cnn=12800,lstm=12800"
-QUICK_SAMPLES = "256,cnn=128,lstm=128"
+DEFAULT_SAMPLES = "60000,cnn=12800,lstm=12800,transformer=12800"
+QUICK_SAMPLES = "256,cnn=128,lstm=128,transformer=128"
 MNIST_TRAIN = 60_000
 DEVICES_NOTE = ("jaxnn trains data-parallel over all of them (fit(devices=N)); the other "
                 "frameworks run their usual single-device code")

@@ -69,6 +69,32 @@ def _lstm(p, x, gates=True):
     return h @ p[2]
 
 
+def _transformer(p, x, plain=False):
+    """The row Transformer (2 pre-norm blocks, 4 heads) with ones for weights.
+
+    With ``plain=True`` the layer norms, the softmax and the ReLU are left out,
+    leaving exactly the matmuls (the part the analytic count covers).
+    """
+    n, length, d, heads = x.shape[0], x.shape[1], 64, 4
+
+    def norm(h):
+        if plain:
+            return h
+        centred = h - h.mean(-1, keepdims=True)
+        return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + 1e-5)
+
+    h = x @ p[0] + p[1]
+    for q_w, k_w, v_w, o_w, up, down in p[2]:
+        y = norm(h)
+        q, k, v = ((y @ w).reshape(n, length, heads, d // heads) for w in (q_w, k_w, v_w))
+        scores = jnp.einsum("nqhc,nkhc->nhqk", q, k) / 4.0
+        weights = scores if plain else jax.nn.softmax(scores, axis=-1)
+        h = h + jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, length, d) @ o_w
+        hidden = norm(h) @ up
+        h = h + (hidden if plain else jax.nn.relu(hidden)) @ down
+    return norm(h).mean(axis=1) @ p[3]
+
+
 def _loss(model):
     def loss(p, x, y):
         logp = jax.nn.log_softmax(model(p, x))
@@ -82,6 +108,10 @@ CASES = {
     "cnn": (_cnn, [_ones(3, 3, 1, 32), _ones(3, 3, 32, 64), _ones(1600, 10)],
             (BATCH, 28, 28, 1)),
     "lstm": (_lstm, [_ones(28, 512), _ones(128, 512), _ones(128, 10)], (BATCH, 28, 28)),
+    "transformer": (_transformer,
+                    [_ones(28, 64), _ones(28, 64),
+                     [[_ones(64, 64)] * 4 + [_ones(64, 128), _ones(128, 64)]] * 2,
+                     _ones(64, 10)], (BATCH, 28, 28)),
 }
 
 
@@ -91,16 +121,20 @@ def test_mlp_flops_are_the_documented_figures():
     assert bench_common.MODELS["mlp32"].flops == bench_common.MODELS["mlp128"].flops
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm", "transformer"])
 def test_flops_match_xla_cost_analysis(kind):
     model, params, shape = CASES[kind]
     x, y = _ones(*shape), jnp.zeros((BATCH,), jnp.int32)
     forward, train = {"mlp": bench_common.mlp_flops, "cnn": bench_common.cnn_flops,
-                      "lstm": bench_common.lstm_flops}[kind]()
-    # XLA also counts bias-free elementwise work (relu, pooling, gates): a few percent.
+                      "lstm": bench_common.lstm_flops,
+                      "transformer": bench_common.transformer_flops}[kind]()
+    # XLA also counts bias-free elementwise work (relu, pooling, gates, layer norms and
+    # softmax): a few percent (the Transformer's forward: 2.6%).
     assert forward <= _xla_flops_per_sample(model, params, x) <= 1.03 * forward
     if kind == "lstm":  # the matmuls alone; the gates' backward adds ~10% of elementwise work
         model = lambda p, x: _lstm(p, x, gates=False)  # noqa: E731
+    if kind == "transformer":  # the matmuls alone; the norms' backward adds ~5%
+        model = lambda p, x: _transformer(p, x, plain=True)  # noqa: E731
     assert train <= _xla_flops_per_sample(jax.grad(_loss(model)), params, x, y) <= 1.03 * train
 
 
@@ -138,12 +172,16 @@ def test_best_of_rounds_keeps_the_faster_round_per_model():
     assert best["results"]["cnn"]["rounds_train_samples_per_s"] == [9.0, 5.0]
 
 
+# The Transformer has a quick run of its own (below): its compiles would double this one's.
+QUICK_MODELS = ["mlp32", "mlp128", "cnn", "lstm"]
+
+
 @pytest.mark.slow
 def test_quick_run_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--json", str(out),
-         "--frameworks", "jaxnn,jaxnn-source,jax,jax-scan"],
+         "--frameworks", "jaxnn,jaxnn-source,jax,jax-scan", "--models", ",".join(QUICK_MODELS)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -151,17 +189,17 @@ def test_quick_run_produces_every_figure(tmp_path):
     assert set(report["frameworks"]) == {"jaxnn", "jaxnn-source", "jax", "jax-scan"}
     # the streamed column (a source over a memmap) as a ratio of the device-resident one
     streamed = report["streamed_ratio_percent"]["jaxnn-source"]
-    assert set(streamed) == set(bench_common.MODELS)
+    assert set(streamed) == set(QUICK_MODELS)
     assert all(v["best"] > -100 for v in streamed.values()), streamed
     assert "streamed from the host (jaxnn-source / jaxnn)" in proc.stdout
     overhead = report["jaxnn_overhead_percent"]
-    assert set(overhead) == set(bench_common.MODELS)
+    assert set(overhead) == set(QUICK_MODELS)
     assert all(isinstance(v, float) and v > -100 for v in overhead.values()), overhead
     assert report["machine"]["cores"] >= 1 and report["date"]
     assert all(rate > 0 for rate in report["matmul"]["gflop_per_s"].values())
     for framework, result in report["frameworks"].items():
         assert not result.get("errors") and "failed" not in result, result
-        assert set(result["results"]) == set(bench_common.MODELS), framework
+        assert set(result["results"]) == set(QUICK_MODELS), framework
         for model, row in result["results"].items():
             for figure in ("train_samples_per_s", "infer_samples_per_s", "train_gflop_per_s",
                            "fraction_of_peak"):
@@ -170,3 +208,22 @@ def test_quick_run_produces_every_figure(tmp_path):
             assert row["timed_epochs"] == 1
     assert report["models"]["cnn"]["train_flops"] == bench_common.cnn_flops()[1]
     assert "jaxnn fit" in proc.stdout and "jaxnn/x" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_transformer(tmp_path):
+    # jaxnn and the hand-fused plain-JAX scan only; the other frameworks' Transformers
+    # run in the full benchmark (benchmarks/RESULTS.md).
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), "--quick", "--json", str(out),
+         "--frameworks", "jaxnn,jax-scan", "--models", "transformer"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["models"]["transformer"]["train_flops"] == bench_common.transformer_flops()[1]
+    for framework in ("jaxnn", "jax-scan"):
+        row = report["frameworks"][framework]["results"]["transformer"]
+        assert row["train_samples_per_s"] > 0 and row["infer_samples_per_s"] > 0, framework
+    assert isinstance(report["jaxnn_overhead_percent"]["transformer"], float)

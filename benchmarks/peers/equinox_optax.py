@@ -3,8 +3,10 @@ batch), ``eqx.filter_value_and_grad`` and an ``eqx.filter_jit`` train step,
 called from the loop of ``_jax_loop``.
 
 The CNN takes CHW images per sample (``eqx.nn.Conv2d``); the LSTM is an
-``eqx.nn.LSTMCell`` in a ``lax.scan`` over the rows; the CNN's dropout key is
-carried in the train state, split once per step and once per sample.
+``eqx.nn.LSTMCell`` in a ``lax.scan`` over the rows; the Transformer is written out
+from ``eqx.nn.MultiheadAttention`` (all four biases on), ``eqx.nn.LayerNorm`` and
+``eqx.nn.Linear``, pre-norm; the CNN's dropout key is carried in the train state,
+split once per step and once per sample.
 """
 
 from __future__ import annotations
@@ -77,7 +79,54 @@ def build(kind: str, key):
             (h, _), _ = jax.lax.scan(step, (zeros, zeros), x)
             return self.dense(h)
 
-    return {"mlp": MLP, "cnn": CNN, "lstm": LSTM}[kind]()
+    class Block(eqx.Module):
+        """Pre-norm: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``, on one ``(28, 64)``
+        sequence (the layer norms and linears mapped over its tokens)."""
+
+        norm0: eqx.nn.LayerNorm
+        attention: eqx.nn.MultiheadAttention
+        norm1: eqx.nn.LayerNorm
+        mlp0: eqx.nn.Linear
+        mlp1: eqx.nn.Linear
+
+        def __init__(self, key):
+            k0, k1, k2 = jax.random.split(key, 3)
+            self.norm0 = eqx.nn.LayerNorm(64, eps=1e-5)
+            self.attention = eqx.nn.MultiheadAttention(
+                4, 64, use_query_bias=True, use_key_bias=True, use_value_bias=True,
+                use_output_bias=True, key=k0)
+            self.norm1 = eqx.nn.LayerNorm(64, eps=1e-5)
+            self.mlp0 = eqx.nn.Linear(64, 128, key=k1)
+            self.mlp1 = eqx.nn.Linear(128, 64, key=k2)
+
+        def __call__(self, x):
+            y = jax.vmap(self.norm0)(x)
+            x = x + self.attention(y, y, y)
+            y = jax.vmap(self.mlp0)(jax.vmap(self.norm1)(x))
+            return x + jax.vmap(self.mlp1)(jax.nn.relu(y))
+
+    class Transformer(eqx.Module):
+        embed: eqx.nn.Linear
+        position: jax.Array
+        blocks: list
+        norm: eqx.nn.LayerNorm
+        dense: eqx.nn.Linear
+
+        def __init__(self):
+            k0, k1, k2, k3 = jax.random.split(keys[0], 4)
+            self.embed = eqx.nn.Linear(28, 64, key=k0)
+            self.position = 0.02 * jax.random.normal(k1, (28, 64))
+            self.blocks = [Block(k) for k in jax.random.split(k2, 2)]
+            self.norm = eqx.nn.LayerNorm(64, eps=1e-5)
+            self.dense = eqx.nn.Linear(64, 10, key=k3)
+
+        def __call__(self, x, key=None):  # x: (28, 28), rows as tokens
+            h = jax.vmap(self.embed)(x) + self.position
+            for block in self.blocks:
+                h = block(h)
+            return self.dense(jax.vmap(self.norm)(h).mean(axis=0))
+
+    return {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "transformer": Transformer}[kind]()
 
 
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:

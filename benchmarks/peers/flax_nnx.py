@@ -3,7 +3,9 @@ and an ``nnx.jit`` train step, called from the loop of ``_jax_loop``.
 
 The LSTM is ``nnx.RNN`` over an ``nnx.OptimizedLSTMCell`` (the cell that fuses
 its gate matmuls); the CNN's dropout draws from the model's own ``nnx.Rngs``
-stream. Inference calls an ``nnx.jit`` forward with the model in eval mode.
+stream; the Transformer's blocks are ``nnx.MultiHeadAttention`` and
+``nnx.LayerNorm`` / ``nnx.Linear``, pre-norm, written out. Inference calls an
+``nnx.jit`` forward with the model in eval mode.
 """
 
 from __future__ import annotations
@@ -59,7 +61,35 @@ def build(kind: str, seed: int):
         def __call__(self, x):
             return self.dense(self.rnn(x)[:, -1])
 
-    return {"mlp": MLP, "cnn": CNN, "lstm": LSTM}[kind]()
+    class Block(nnx.Module):
+        """Pre-norm: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``."""
+
+        def __init__(self):
+            self.norm0 = nnx.LayerNorm(64, epsilon=1e-5, rngs=rngs)
+            self.attention = nnx.MultiHeadAttention(4, 64, decode=False, rngs=rngs)
+            self.norm1 = nnx.LayerNorm(64, epsilon=1e-5, rngs=rngs)
+            self.mlp0 = nnx.Linear(64, 128, rngs=rngs)
+            self.mlp1 = nnx.Linear(128, 64, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attention(self.norm0(x))
+            return x + self.mlp1(jax.nn.relu(self.mlp0(self.norm1(x))))
+
+    class Transformer(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Linear(28, 64, rngs=rngs)
+            self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (28, 64)))
+            self.blocks = nnx.List([Block(), Block()])
+            self.norm = nnx.LayerNorm(64, epsilon=1e-5, rngs=rngs)
+            self.dense = nnx.Linear(64, 10, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.embed(x) + self.position[...]
+            for block in self.blocks:
+                h = block(h)
+            return self.dense(self.norm(h).mean(axis=1))
+
+    return {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "transformer": Transformer}[kind]()
 
 
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:

@@ -4,8 +4,9 @@ sliced from shuffled device arrays (``_jax_loop``).
 
 The models use ``x @ w``, ``lax.conv_general_dilated`` (NHWC/HWIO), ``lax.reduce_window``
 for max pooling, ``jax.random.bernoulli`` for dropout (its key folded from the
-step number inside the step), and an LSTM cell computing ``x_t @ W_x + h @ W_h + b``
-at every step of a ``lax.scan``, as a tutorial writes it.
+step number inside the step), an LSTM cell computing ``x_t @ W_x + h @ W_h + b``
+at every step of a ``lax.scan``, as a tutorial writes it, and the Transformer's
+attention as two ``jnp.einsum`` with a softmax between, heads split by reshaping.
 
 With ``--dtype bfloat16`` (the plan's ``options["dtype"]``) the loss casts the
 float32 params and the inputs to bfloat16 before the forward pass and the
@@ -58,7 +59,32 @@ def init(kind: str, key):
     if kind == "lstm":
         return {"wx": _glorot(keys[0], (28, 512)), "wh": _glorot(keys[1], (128, 512)),
                 "b": jnp.zeros((512,)), "dense": _dense(keys[2], 128, 10)}
+    if kind == "transformer":
+        return _init_transformer(keys[0])
     raise ValueError(kind)
+
+
+D_MODEL, HEADS, MLP_WIDTH, BLOCKS, TOKENS = 64, 4, 128, 2, 28
+
+
+def _norm(d):
+    return {"scale": jnp.ones((d,), jnp.float32), "offset": jnp.zeros((d,), jnp.float32)}
+
+
+def _init_transformer(key):
+    keys = iter(jax.random.split(key, 3 + 6 * BLOCKS))
+    blocks = []
+    for _ in range(BLOCKS):
+        blocks.append({
+            "norm0": _norm(D_MODEL), "norm1": _norm(D_MODEL),
+            **{name: _dense(next(keys), D_MODEL, D_MODEL) for name in ("q", "k", "v", "o")},
+            "mlp0": _dense(next(keys), D_MODEL, MLP_WIDTH),
+            "mlp1": _dense(next(keys), MLP_WIDTH, D_MODEL),
+        })
+    return {"embed": _dense(next(keys), 28, D_MODEL),
+            "position": 0.02 * jax.random.normal(next(keys), (TOKENS, D_MODEL)),
+            "blocks": blocks, "norm": _norm(D_MODEL),
+            "dense": _dense(next(keys), D_MODEL, 10)}
 
 
 def mlp(params, x, key=None):
@@ -103,7 +129,34 @@ def lstm(params, x, key=None):
     return h @ params["dense"]["w"] + params["dense"]["b"]
 
 
-APPLY = {"mlp": mlp, "cnn": cnn, "lstm": lstm}
+def _layer_norm(x, p):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["offset"]
+
+
+def _linear(x, p):
+    return x @ p["w"] + p["b"]
+
+
+def _attention(x, p):
+    n, length, d = x.shape
+    q, k, v = (_linear(x, p[name]).reshape(n, length, HEADS, d // HEADS)
+               for name in ("q", "k", "v"))
+    logits = jnp.einsum("nqhc,nkhc->nhqk", q, k) * (d // HEADS) ** -0.5
+    weights = jax.nn.softmax(logits, axis=-1)
+    return _linear(jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, length, d), p["o"])
+
+
+def transformer(params, x, key=None):
+    h = _linear(x, params["embed"]) + params["position"]
+    for p in params["blocks"]:  # pre-norm
+        h = h + _attention(_layer_norm(h, p["norm0"]), p)
+        h = h + _linear(jax.nn.relu(_linear(_layer_norm(h, p["norm1"]), p["mlp0"])), p["mlp1"])
+    return _linear(_layer_norm(h, params["norm"]).mean(axis=1), params["dense"])
+
+
+APPLY = {"mlp": mlp, "cnn": cnn, "lstm": lstm, "transformer": transformer}
 
 
 def compute_dtype(plan: Plan):

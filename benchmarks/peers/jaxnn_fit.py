@@ -69,7 +69,8 @@ from bench_common import (
 
 # Measured on 2 cores (2026-11-28): the CNN is fastest at 4 straight-line steps per
 # call (2,750 samples/s against 2,050 at 1), the MLP and LSTM as one program an epoch.
-STEPS_PER_CALL: dict[str, int | str] = {"mlp": "epoch", "cnn": 4, "lstm": "epoch"}
+STEPS_PER_CALL: dict[str, int | str] = {"mlp": "epoch", "cnn": 4, "lstm": "epoch",
+                                         "transformer": 4}
 TUNE_CANDIDATES: tuple[int | str, ...] = ("epoch", 1, 4, 16)
 TUNE_STEPS = 8  # steps per tuning epoch
 
@@ -100,6 +101,12 @@ def build(kind: str):
         ])
     if kind == "lstm":
         return jaxnn.Sequential([jaxnn.LSTM(128), jaxnn.Dense(10)])
+    if kind == "transformer":  # examples/mnist_transformer.py's model
+        return jaxnn.Sequential([
+            jaxnn.Dense(64), jaxnn.PositionEmbedding(28),
+            jaxnn.TransformerEncoderBlock(4, 128), jaxnn.TransformerEncoderBlock(4, 128),
+            jaxnn.LayerNorm(), jaxnn.GlobalAvgPool(), jaxnn.Dense(10),
+        ])
     raise ValueError(kind)
 
 

@@ -5,7 +5,9 @@ The backend is whatever ``KERAS_BACKEND`` says when Keras is first imported;
 ``jax``, each in its own process. Compiled with ``Adam(1e-3)`` and
 ``SparseCategoricalCrossentropy(from_logits=True)``, no metrics, Keras's default
 ``jit_compile="auto"`` (recorded). ``fit`` shuffles every epoch and keeps the
-ragged last batch; a callback times each epoch.
+ragged last batch; a callback times each epoch. The Transformer is written out
+from Keras's layers (``MultiHeadAttention``, ``LayerNormalization``, ``Dense``;
+pre-norm), a functional ``keras.Model``.
 """
 
 from __future__ import annotations
@@ -67,9 +69,42 @@ def build(kind: str):
                  layers.Flatten(), layers.Dropout(0.5), layers.Dense(10)]
     elif kind == "lstm":
         stack = [keras.Input((28, 28)), layers.LSTM(128), layers.Dense(10)]
+    elif kind == "transformer":
+        return _transformer()
     else:
         raise ValueError(kind)
     return keras.Sequential(stack)
+
+
+def _transformer():
+    """Rows as tokens, written out with the functional API: Dense(64), a learned position
+    table, 2 pre-norm blocks (``MultiHeadAttention(4, key_dim=16)`` and a Dense(128)
+    ReLU / Dense(64) MLP, each after a ``LayerNormalization``, added back), a final
+    LayerNormalization, ``GlobalAveragePooling1D`` over the tokens and Dense(10)."""
+    import keras
+    from keras import layers
+
+    class AddPosition(layers.Layer):
+        """``x + table``, a learned ``(tokens, features)`` table (normal, stddev 0.02)."""
+
+        def build(self, input_shape):
+            self.table = self.add_weight(shape=tuple(input_shape[1:]),
+                                         initializer=keras.initializers.RandomNormal(
+                                             stddev=0.02), name="table")
+
+        def call(self, x):
+            return x + self.table
+
+    inputs = keras.Input((28, 28))
+    h = AddPosition()(layers.Dense(64)(inputs))
+    for _ in range(2):
+        y = layers.LayerNormalization(epsilon=1e-5)(h)
+        h = layers.Add()([h, layers.MultiHeadAttention(num_heads=4, key_dim=16)(y, y)])
+        y = layers.LayerNormalization(epsilon=1e-5)(h)
+        y = layers.Dense(64)(layers.Dense(128, activation="relu")(y))
+        h = layers.Add()([h, y])
+    h = layers.GlobalAveragePooling1D()(layers.LayerNormalization(epsilon=1e-5)(h))
+    return keras.Model(inputs, layers.Dense(10)(h))
 
 
 def run(spec: ModelSpec, data: Data, plan: Plan) -> Measurement:

@@ -8,7 +8,9 @@ faster than two on the MLP while other jobs ran). Each epoch shuffles with
 ``TensorDataset`` collates sample by sample and is much slower for small
 batches). The ragged last batch is kept, as ``DataLoader`` does by default.
 Inference runs under ``torch.inference_mode()`` with the model in eval mode.
-Images are NCHW for the CNN.
+Images are NCHW for the CNN. The Transformer's blocks are
+``nn.TransformerEncoderLayer(norm_first=True, batch_first=True)``, which in eval mode
+under ``inference_mode`` take PyTorch's fused fast path.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def setup(cores: int) -> dict:
 
 
 def build(kind: str):
+    import torch
     from torch import nn
 
     class LastState(nn.Module):
@@ -63,8 +66,31 @@ def build(kind: str):
             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Dropout(0.5), nn.Linear(1600, 10),
         )
+    class RowTransformer(nn.Module):
+        """Rows as tokens: Linear(28, 64), a learned position table, 2 pre-norm
+        ``nn.TransformerEncoderLayer``, LayerNorm, the mean over tokens, Linear(64, 10)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(28, 64)
+            self.position = nn.Parameter(0.02 * torch.randn(28, 64))
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+                for _ in range(2))
+            self.norm = nn.LayerNorm(64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            h = self.embed(x) + self.position
+            for block in self.blocks:
+                h = block(h)
+            return self.head(self.norm(h).mean(dim=1))
+
     if kind == "lstm":
         return nn.Sequential(LastState(), nn.Linear(128, 10))
+    if kind == "transformer":
+        return RowTransformer()
     raise ValueError(kind)
 
 
