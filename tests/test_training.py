@@ -312,10 +312,10 @@ def test_steps_per_call_default_is_chosen_per_model_on_cpu(x64):
     from jaxnn._chunks import CONV_STEPS_PER_CALL_ON_CPU, default_steps_per_call
 
     rng = np.random.default_rng(0)
-    # 8 examples in batches of 4: 2 steps, fewer than 4, so one chunk of 2 steps, a single
-    # straight-line program (chunks with a remainder are checked against the plain loop)
-    x = rng.normal(size=(8, 6, 6, 1))
-    y = rng.integers(0, 3, size=8)
+    # one batch of 4 an epoch, fewer steps than 4: one chunk of 1 step, straight-line code
+    # (several steps a chunk, and a remainder, are checked against the plain loop above)
+    x = rng.normal(size=(4, 6, 6, 1))
+    y = rng.integers(0, 3, size=4)
     cnn = jaxnn.Sequential([jaxnn.Conv2D(2, 3), jaxnn.relu, jaxnn.Flatten(), jaxnn.Dense(3)])
     mlp = jaxnn.Sequential([jaxnn.Flatten(), jaxnn.Dense(4), jaxnn.relu, jaxnn.Dense(3)])
     cnn_params = _init(cnn, x)
