@@ -52,11 +52,13 @@ def _clean_env(**extra):
     return env
 
 
-def _python(*argv, env=None):
+def _python(*argv, env=None, lines=1):
+    """The JSON of the last line printed (of the last ``lines`` lines: a list)."""
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                           timeout=300, env=env or _clean_env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    printed = [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
+    return printed[-1] if lines == 1 else printed
 
 
 def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
@@ -88,13 +90,15 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     assert first["dir"] == str(folder) and oct(folder.stat().st_mode)[-3:] == "700"
     assert first["hits"] == 0 and first["misses"] >= 2, first
     assert any(name.startswith("jit_mlp") for name in first["files"]), first["files"]
-    second = _python("-c", SCRIPT, str(folder))
+    # The second process, then another folder after the first one: later programs go
+    # to the new folder.
+    second, other = _python("-c", SCRIPT + (
+        "folder = jaxnn.enable_compilation_cache(sys.argv[1] + '-b')\n"
+        "jax.jit(lambda x: x - 3)(1.0)\n"
+        "print(json.dumps({'dir': str(folder), "
+        "'files': sorted(p.name for p in folder.iterdir())}))\n"), str(folder), lines=2)
     assert second["misses"] == 0 and second["hits"] == first["misses"], second
     assert second["files"] == first["files"]  # nothing new was compiled
-    # Another folder after the first one: later programs go to the new folder.
-    other = _python("-c", SCRIPT.replace(
-        "print(", "folder = jaxnn.enable_compilation_cache(sys.argv[1] + '-b')\n"
-        "jax.jit(lambda x: x - 3)(1.0)\nprint("), str(folder))
     assert other["files"] and other["dir"] == f"{folder}-b"
     assert all(name.startswith("jit__lambda") for name in other["files"]), other
 
