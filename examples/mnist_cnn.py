@@ -65,14 +65,15 @@ def steps_per_call_arg(text: str) -> int | str:
 
 
 def parse_args(argv=None, *, description=None, epochs=11, batch_size=128, feed=DEFAULT_FEED,
-               steps_per_call=DEFAULT_STEPS_PER_CALL):
-    """The command line shared by the CNN and RNN examples (defaults differ per example).
+               steps_per_call=DEFAULT_STEPS_PER_CALL, default_lr=DEFAULT_LR):
+    """The command line shared by the CNN, RNN and Transformer examples (defaults differ
+    per example; ``default_lr``: the learning rate per optimizer when ``--lr`` is not given).
 
     Every flag is checked here: a bad one exits (see ``_cli``) before any work.
     """
     parser = _cli.ArgumentParser(description=description or __doc__.splitlines()[0])
     _cli.add_data_flags(parser, epochs=epochs, batch_size=batch_size, optimizers=OPTIMIZERS,
-                        default_lr=DEFAULT_LR)
+                        default_lr=default_lr)
     parser.add_argument("--feed", choices=("host", "device"), default=feed,
                         help="device: the dataset put on the device once; host: left on the "
                         "host and streamed to the device in chunks")
@@ -119,12 +120,18 @@ def build_model(image_side=28):
     ])
 
 
-def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None)):
-    """Fit, evaluate and summarise (shared with the RNN example); returns the summary dict.
+def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None), *,
+          schedule=None, default_lr=DEFAULT_LR):
+    """Fit, evaluate and summarise (shared with the RNN and Transformer examples); returns
+    the summary dict.
 
     The last ``--validation-split`` of the training examples are held out and scored
     after each epoch; the test examples are scored once, after training. ``cache``:
-    what ``_cli.enable_compile_cache`` returned, for the summary.
+    what ``_cli.enable_compile_cache`` returned, for the summary. ``schedule``: None for
+    a constant learning rate, else ``schedule(lr, total_steps)`` returning the rate
+    schedule given to the optimizer (``lr`` its peak, ``total_steps`` those of all
+    ``--epochs``). ``default_lr``: the rate per optimizer when ``--lr`` is not given
+    (as given to :func:`parse_args`).
     """
     # Validate on examples held out of the training set, not on the test set: choices
     # made while watching a score (epochs, learning rate) tune the model to its data.
@@ -141,9 +148,11 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
     if verbose:
         print(model.summary(x_train[:args.batch_size]))
 
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    lr = args.lr if args.lr is not None else default_lr[args.optimizer]
     ours, theirs = OPTIMIZERS[args.optimizer]
-    optimizer = (theirs if args.optax else ours)(lr)
+    total_steps = args.epochs * math.ceil(len(x_train) / args.batch_size)  # fit keeps the
+    rate = lr if schedule is None else schedule(lr, total_steps)  # ragged last batch
+    optimizer = (theirs if args.optax else ours)(rate)
     params, opt_state, initial_epoch, train_key, callbacks = checkpointing(
         args.checkpoint_dir, params, optimizer, train_key, verbose)
 
@@ -184,6 +193,7 @@ def train(args, model, data, x_train, y_train, x_test, y_test, cache=(None, None
         "batch_size": args.batch_size,
         "optimizer": f"{'optax' if args.optax else 'jaxnn'}.{args.optimizer}",
         "learning_rate": lr,
+        "lr_schedule": "constant" if schedule is None else schedule.__name__,
         "l2": args.l2,
         "feed": args.feed,
         "steps_per_call": args.steps_per_call if args.feed == "device" else 1,

@@ -22,7 +22,7 @@ from jaxnn import compilation_cache
 from jaxnn.datasets import write_idx
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-MLP, CNN, RNN = "mnist_mlp", "mnist_cnn", "mnist_rnn"
+MLP, CNN, RNN, TX = "mnist_mlp", "mnist_cnn", "mnist_rnn", "mnist_transformer"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -72,7 +72,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(jaxnn.datasets, "mnist", recorder("datasets.mnist"))
     monkeypatch.setattr(jaxnn.datasets, "digits", recorder("datasets.digits"))
-    for name in (MLP, CNN, RNN):
+    for name in (MLP, CNN, RNN, TX):
         monkeypatch.setattr(_load(name), "build_model", recorder(f"{name}.build_model"))
     return seen
 
@@ -163,6 +163,15 @@ BAD_FLAGS = [
     (RNN, ["--checkpoint-dir", "{file}/run"], "--checkpoint-dir"),
     (RNN, ["--validation-split", "1.5"], "--validation-split"),
     (RNN, ["--plot", "{dir}/curves"], "--plot"),
+    (TX, ["--epochs", "0"], "--epochs"),
+    (TX, ["--batch-size", "0"], "--batch-size"),
+    (TX, ["--lr", "nan"], "--lr"),
+    (TX, ["--steps-per-call", "0"], "--steps-per-call"),
+    (TX, ["--feed", "tpu"], "--feed"),
+    (TX, ["--grad", "manual"], "--grad"),  # an MLP flag only
+    (TX, ["--validation-split", "1"], "--validation-split"),
+    (TX, ["--checkpoint-dir", "{file}"], "--checkpoint-dir"),
+    (TX, ["--plot", "{dir}/curves.pdf"], "--plot"),
 ]
 
 
@@ -184,6 +193,7 @@ BAD_DATA_DIRS = [
     (MLP, "{partial}", "t10k-labels-idx1-ubyte"),  # three of the four files
     (CNN, "{missing}", "{missing}"),
     (RNN, "{dir}", "{dir}"),
+    (TX, "{missing}", "{missing}"),
 ]
 
 
@@ -255,6 +265,7 @@ CORRUPT_FILES = [
     (MLP, FILES[1], _not_idx),
     (CNN, "train-images-idx3-ubyte", _truncate),
     (RNN, FILES[3], _short_labels),
+    (TX, FILES[2], _gzip_garbage),
 ]
 
 
@@ -290,7 +301,7 @@ def test_corrupt_checkpoint_is_one_line_and_status_1(tmp_path, capsys):
                            checkpoints / "ckpt_0001.npz")
 
 
-@pytest.mark.parametrize("name", [MLP, CNN, RNN])
+@pytest.mark.parametrize("name", [MLP, CNN, RNN, TX])
 def test_help_shows_every_flag_with_its_default(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load(name).main(["--help"])
@@ -306,8 +317,8 @@ def test_help_shows_every_flag_with_its_default(name, capsys):
         elif current is not None and line.strip():
             current.append(line.strip())
     flags = {b[0].split()[0].rstrip(","): " ".join(b) for b in blocks}
-    # The same flags in all three examples (the MLP adds --grad; the CNN and RNN add
-    # --feed and --steps-per-call).
+    # The same flags in all four examples (the MLP adds --grad; the CNN, RNN and
+    # Transformer add --feed and --steps-per-call).
     assert {"--data-dir", "--epochs", "--batch-size", "--optimizer", "--lr", "--optax",
             "--l2", "--validation-split", "--train-limit", "--test-limit", "--seed", "--plot",
             "--checkpoint-dir", "--json", "--quiet", "--cache-dir",
@@ -316,7 +327,7 @@ def test_help_shows_every_flag_with_its_default(name, capsys):
     for flag, block in flags.items():
         if flag != "-h":
             assert "default" in block, (flag, block)
-    epochs = {MLP: 5, CNN: 11, RNN: 6}[name]
+    epochs = {MLP: 5, CNN: 11, RNN: 6, TX: 5}[name]
     assert f"(default: {epochs})" in flags["--epochs"]
 
 
@@ -334,7 +345,7 @@ def test_validation_is_held_out_of_training_and_too_small_a_split_is_an_error(tm
     _assert_one_error_line(err, "--validation-split", "0.1", "4 training examples")
 
 
-@pytest.mark.parametrize("name", [MLP, CNN, RNN])
+@pytest.mark.parametrize("name", [MLP, CNN, RNN, TX])
 def test_compile_cache_flags(name, cache_dirs, calls, tmp_path, monkeypatch):
     # parse and turn the cache on; stop at the data loading (the ``calls`` fixture)
     monkeypatch.delenv("JAXNN_DATA_DIR", raising=False)

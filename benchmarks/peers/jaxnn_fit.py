@@ -16,6 +16,10 @@ The per-model table, measured on the 2-core machine (check again with
   as a rolled epoch.
 * LSTM: the whole epoch (``"epoch"``): 5.7k samples/s against 2.9k at 1 step per
   call and 3.1-3.7k at 4 (2026-11-28, second session).
+* Transformer: the whole epoch (``"epoch"``). Under load 6-9 the steady rates were
+  within the noise of each other (medians of alternating 50- and 40-step epochs:
+  883 and 892 samples/s as one program an epoch, 949 and 873 at 1 step per call,
+  1,012 and 781 at 4), but 4 straight-line steps compiled in 16-36 s against 8-14 s.
 
 With more than one JAX device (``throughput.py --devices N`` forces N CPU devices
 before JAX is imported) ``fit`` trains data-parallel over all of them
@@ -70,7 +74,7 @@ from bench_common import (
 # Measured on 2 cores (2026-11-28): the CNN is fastest at 4 straight-line steps per
 # call (2,750 samples/s against 2,050 at 1), the MLP and LSTM as one program an epoch.
 STEPS_PER_CALL: dict[str, int | str] = {"mlp": "epoch", "cnn": 4, "lstm": "epoch",
-                                         "transformer": 4}
+                                         "transformer": "epoch"}
 TUNE_CANDIDATES: tuple[int | str, ...] = ("epoch", 1, 4, 16)
 TUNE_STEPS = 8  # steps per tuning epoch
 
