@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numpy_params import numpy_init
 
 from jaxnn.activations import relu
 from jaxnn.layers._container import Sequential
@@ -37,19 +38,7 @@ def _gradient_recorder() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def _init(model, x, seed=0):
-    """Params in ``model.init``'s layout (traced, not run: an init compiles a program of its
-    own), drawn by numpy: kernels normal / sqrt(fan-in), biases small."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) < 2:
-            return jnp.asarray(np.asarray(0.1 * rng.normal(size=s.shape), s.dtype))
-        fan_in = int(np.prod(s.shape[:-1]))
-        return jnp.asarray(np.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype))
-
-    return jax.tree_util.tree_map(draw, shapes)
+_init = numpy_init
 
 
 @functools.lru_cache(maxsize=1)

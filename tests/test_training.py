@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numpy_params import numpy_init
 
 import jaxnn
 from jaxnn.training import Callback, evaluate, fit, predict
@@ -28,19 +29,7 @@ def _model():
     return jaxnn.Sequential([jaxnn.Dense(8), jnp.tanh, jaxnn.Dense(3)])
 
 
-def _init(model, x, seed=0):
-    """Params in ``model.init``'s layout (traced, not run: an init compiles a program of its
-    own), drawn by numpy: kernels normal / sqrt(fan-in), biases small."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if len(s.shape) < 2:
-            return jnp.asarray(np.asarray(0.1 * rng.normal(size=s.shape), s.dtype))
-        fan_in = int(np.prod(s.shape[:-1]))
-        return jnp.asarray(np.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype))
-
-    return jax.tree_util.tree_map(draw, shapes)
+_init = numpy_init
 
 
 def _np_logits(params, x):
